@@ -1,0 +1,400 @@
+"""The schema of a `search_spaces/*.yaml` file, loaded with `--set key=value` overrides.
+
+Every problem in a file is collected and raised once as a `UserError` naming the file, the field
+and the fix. Relative paths are made absolute at load time (Ray Tune changes the working
+directory). Later stages add their sections here.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Union
+
+import yaml
+
+from kdray.errors import UserError
+
+#: Shipped search spaces, addressable by name (`--space smoke`).
+SPACES_DIR = Path(__file__).resolve().parent / "search_spaces"
+DEFAULT_SPACE = "default"
+
+FILE_FORMATS = ("csv", "tsv", "json", "jsonl", "parquet", "phrasebank")
+STUDENT_MODES = ("lora", "head", "full")
+
+
+@dataclass
+class DataConfig:
+    source: str | None = "embedded:rotten_tomatoes"
+    """Where the examples come from, split for you: `embedded:rotten_tomatoes`, `embedded:imdb`,
+    a local file (.csv, .tsv, .json, .jsonl, .parquet, or a Financial PhraseBank .txt), or a
+    Hugging Face hub name (`glue/sst2`, `imdb`, `ag_news`, `financial_phrasebank`). Leave it
+    empty and set `train_file` (and optionally `validation_file`, `test_file`) for one local file
+    per split."""
+    hub_config: str | None = None
+    """Hub dataset configuration name (e.g. `sentences_allagree`); presets fill it in."""
+    train_file: str | None = None
+    """Local file with the training split (then `source` is ignored)."""
+    validation_file: str | None = None
+    """Local file with the validation split; carved from train when absent."""
+    test_file: str | None = None
+    """Local file with the test split; carved from train when absent."""
+    format: str | None = None
+    """One of csv, tsv, json, jsonl, parquet, phrasebank; inferred from the extension (.txt is
+    the Financial PhraseBank `sentence@label` format)."""
+    header: bool = True
+    """Whether a CSV/TSV file starts with a header row. Without one, columns are positions."""
+    encoding: str | None = None
+    """Text encoding of local files; UTF-8 when unset (PhraseBank files fall back to latin-1)."""
+    text_columns: list[str | int] | None = None
+    """Text column(s) by name or 0-based position; several are joined with a space (AG News
+    title + description). Unset: `text`, else `sentence`."""
+    text_pair_column: str | int | None = None
+    """Optional second text column (sentence-pair tasks)."""
+    label_column: str | int | None = None
+    """Label column by name or 0-based position. Unset: `label`."""
+    label_names: list[str] | None = None
+    """The label set, in id order. Declared labels are checked: any other value is an error.
+    Unset: the hub's class names, else the sorted distinct string labels, else `0..K-1`."""
+    label_offset: int | None = None
+    """Subtracted from integer labels. Unset: 1 when the labels are exactly 1..K (1-based)."""
+    validation_size: float = 0.1
+    """Validation rows carved (stratified, seeded) from train when there is no validation split:
+    a fraction of all rows if < 1, else a count."""
+    test_size: float = 0.1
+    """Test rows carved from train when there is no test split: a fraction if < 1, else a count."""
+    max_train_samples: int | None = None
+    """Stratified subsample of train after splitting (the other splits do not change)."""
+    max_validation_samples: int | None = None
+    """Stratified subsample of validation after splitting."""
+    max_test_samples: int | None = None
+    """Stratified subsample of test after splitting."""
+    max_length: int = 128
+    """Tokens per example after truncation (no padding until batching)."""
+    seed: int = 0
+    """Seed of the carved splits and subsamples."""
+
+
+@dataclass
+class ModelConfig:
+    name: str | None = None
+    """A hub name (`distilbert-base-uncased`), a local directory, or `embedded:minilm-l6`."""
+    config: dict[str, Any] | None = None
+    """An inline `transformers` config (with `model_type`) for a randomly initialised model,
+    instead of `name` (tests: 2 layers, hidden 32)."""
+    keep_layers: list[int] | None = None
+    """Keep only these encoder layers of the model, in this order (DistilBERT-style
+    initialisation of a smaller student from a pretrained one)."""
+    tokenizer: str | None = None
+    """Tokenizer name or directory; defaults to `name`. Required with an inline `config`."""
+
+
+@dataclass
+class LoraChoice:
+    r: int = 8
+    """LoRA rank."""
+    alpha: float = 16.0
+    """LoRA scaling numerator (`lora_alpha`); the update is scaled by alpha / r."""
+    dropout: float = 0.1
+    """Dropout on the LoRA input."""
+    target_modules: list[str] = field(default_factory=lambda: ["q", "v"])
+    """Modules inside each encoder layer that get LoRA: aliases q, k, v, o, ffn_in, ffn_out
+    (resolved per architecture) or the architecture's own names relative to the layer
+    (e.g. `attention.self.query`)."""
+    layers: list[int] | None = None
+    """Encoder layers (0-based, of the student) that get LoRA; unset means all."""
+
+
+@dataclass
+class StudentConfig(ModelConfig):
+    mode: str = "lora"
+    """`lora` (LoRA adapters + trainable head), `head` (frozen encoder, trainable head) or
+    `full` (every weight trains)."""
+    lora: LoraChoice = field(default_factory=LoraChoice)
+    """The LoRA choice used when `mode` is `lora` (the search samples over it)."""
+
+
+@dataclass
+class TeacherConfig(ModelConfig):
+    pass
+
+
+@dataclass
+class SpaceConfig:
+    target_modules: list[list[str]] = field(default_factory=lambda: [["q", "v"], ["q", "k", "v", "o"]])
+    """Target-module sets the search chooses from."""
+    lora_r: list[int] = field(default_factory=lambda: [4, 8, 16])
+    """LoRA ranks the search chooses from."""
+
+
+@dataclass
+class RunConfig:
+    name: str = "kdray"
+    """Run name: the run directory `runs/<name>/` and the wandb group."""
+    seed: int = 0
+    """Seed of model initialisation and training."""
+    budget: int | None = None
+    """Trainable-parameter budget of the student (counts parameters, head included)."""
+    data: DataConfig = field(default_factory=DataConfig)
+    teacher: TeacherConfig = field(default_factory=lambda: TeacherConfig(name="embedded:minilm-l6"))
+    student: StudentConfig = field(default_factory=lambda: StudentConfig(name="embedded:minilm-l6"))
+    space: SpaceConfig = field(default_factory=SpaceConfig)
+    cache_dir: str | None = None
+    """Cache of tokenized data, teachers and logits; unset: `$KDRAY_CACHE` or `~/.cache/kdray`."""
+    source_file: str | None = None
+    """The YAML file this config came from (set by the loader, for messages)."""
+
+    def validate(self) -> None:
+        """Raise one `UserError` listing every problem found."""
+        problems = _check_values(self)
+        if problems:
+            raise UserError(problems, where=self.source_file)
+
+
+# ----------------------------------------------------------------------------- loading
+
+
+def resolve_space_path(space: str | os.PathLike | None) -> Path:
+    """A path to a YAML file, or the name of a shipped space (`smoke`, `default`, ...)."""
+    if space is None:
+        space = DEFAULT_SPACE
+    p = Path(space).expanduser()
+    if p.is_file():
+        return p.resolve()
+    shipped = SPACES_DIR / f"{space}.yaml"
+    if p.suffix == "" and shipped.is_file():
+        return shipped
+    names = sorted(q.stem for q in SPACES_DIR.glob("*.yaml"))
+    raise UserError(f"--space {space}: no such file, and not a shipped space. Fix: give a YAML path "
+                    f"or one of: {', '.join(names)}.")
+
+
+def load_config(space: str | os.PathLike | None = None, overrides: list[str] | None = None,
+                budget: float | None = None) -> RunConfig:
+    """Load a search-space YAML (path or shipped name), apply `key=value` overrides, validate."""
+    path = resolve_space_path(space)
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
+        raise UserError(f"not valid YAML: {e}. Fix: correct the file's syntax.", where=str(path)) from None
+    if not isinstance(raw, dict):
+        raise UserError("the top level must be a mapping of sections (data, teacher, student, ...).",
+                        where=str(path))
+    problems: list[str] = []
+    for item in overrides or []:
+        apply_override(raw, item, problems)
+    if budget is not None:
+        raw["budget"] = budget
+    cfg = _build(RunConfig, raw, "", problems)
+    cfg.source_file = str(path)
+    problems += _check_values(cfg)  # fields that failed to parse keep their defaults here
+    if problems:
+        raise UserError(problems, where=str(path))
+    _absolutize_paths(cfg)
+    return cfg
+
+
+def apply_override(raw: dict, item: str, problems: list[str]) -> None:
+    """Apply one `--set a.b.c=value` (value parsed as YAML) to the raw mapping."""
+    key, sep, value = item.partition("=")
+    if not sep or not key.strip():
+        problems.append(f"--set {item!r}: expected key=value, e.g. --set data.max_length=64.")
+        return
+    parts = key.strip().split(".")
+    node = raw
+    for part in parts[:-1]:
+        child = node.get(part)
+        if child is None:
+            child = node[part] = {}
+        if not isinstance(child, dict):
+            problems.append(f"--set {item!r}: {part} is not a section.")
+            return
+        node = child
+    node[parts[-1]] = yaml.safe_load(value) if value.strip() else None
+
+
+def to_dict(cfg: Any) -> dict:
+    """The config as plain data (what `config.yaml` of a run holds)."""
+    d = dataclasses.asdict(cfg)
+    d.pop("source_file", None)
+    return d
+
+
+def _absolutize_paths(cfg: RunConfig) -> None:
+    d = cfg.data
+    for attr in ("train_file", "validation_file", "test_file"):
+        v = getattr(d, attr)
+        if v is not None:
+            setattr(d, attr, str(Path(os.path.expandvars(v)).expanduser().resolve()))
+    if d.source is not None and looks_like_path(d.source):
+        d.source = str(Path(os.path.expandvars(d.source)).expanduser().resolve())
+    for m in (cfg.teacher, cfg.student):
+        for attr in ("name", "tokenizer"):
+            v = getattr(m, attr)
+            if v is not None and not v.startswith("embedded:") and Path(os.path.expandvars(v)).expanduser().exists():
+                setattr(m, attr, str(Path(os.path.expandvars(v)).expanduser().resolve()))
+    if cfg.cache_dir is not None:
+        cfg.cache_dir = str(Path(os.path.expandvars(cfg.cache_dir)).expanduser().resolve())
+
+
+FILE_EXTENSIONS = {".csv": "csv", ".tsv": "tsv", ".json": "json", ".jsonl": "jsonl",
+                   ".parquet": "parquet", ".txt": "phrasebank"}
+
+
+def looks_like_path(source: str) -> bool:
+    """A data source is a local file if it has a known data-file extension or exists on disk."""
+    p = Path(os.path.expandvars(source)).expanduser()
+    return p.suffix.lower() in FILE_EXTENSIONS or p.exists() or source.startswith((".", "/", "~"))
+
+
+# ----------------------------------------------------------------------------- typed building
+
+
+def _build(cls: type, raw: Any, prefix: str, problems: list[str]) -> Any:
+    """Build dataclass `cls` from a mapping, checking keys and value types into `problems`."""
+    where = prefix.rstrip(".") or "top level"
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        problems.append(f"{where}: expected a mapping, got {raw!r}.")
+        return cls()
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.name != "source_file"}
+    kwargs = {}
+    for key, value in raw.items():
+        if key not in fields:
+            close = difflib.get_close_matches(str(key), fields, n=1)
+            hint = f" Did you mean {close[0]!r}?" if close else f" Known: {', '.join(fields)}."
+            problems.append(f"{prefix}{key}: unknown field.{hint}")
+            continue
+        tp = hints[key]
+        if dataclasses.is_dataclass(tp):
+            kwargs[key] = _build(tp, value, f"{prefix}{key}.", problems)
+            continue
+        ok, converted = _coerce(value, tp)
+        if not ok:
+            problems.append(f"{prefix}{key}: {value!r} is not {_type_name(tp)}.")
+            continue
+        kwargs[key] = converted
+    obj = cls(**kwargs)
+    return obj
+
+
+def _coerce(value: Any, tp: Any) -> tuple[bool, Any]:
+    origin = typing.get_origin(tp)
+    if origin in (Union, types.UnionType):
+        for arg in typing.get_args(tp):
+            ok, v = _coerce(value, arg)
+            if ok:
+                return True, v
+        return False, None
+    if tp is type(None):
+        return value is None, None
+    if tp is Any:
+        return True, value
+    if origin is list:
+        (item_tp,) = typing.get_args(tp)
+        if not isinstance(value, list):
+            return False, None
+        out = []
+        for v in value:
+            ok, c = _coerce(v, item_tp)
+            if not ok:
+                return False, None
+            out.append(c)
+        return True, out
+    if origin is dict:
+        return isinstance(value, dict), value
+    if tp is bool:
+        return isinstance(value, bool), value
+    if tp is int:
+        # 1e6 in YAML is a float (or even a string): accept integral values.
+        if isinstance(value, str):
+            try:
+                value = float(value)
+            except ValueError:
+                return False, None
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or value != int(value):
+            return False, None
+        return True, int(value)
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            return False, None
+        return True, float(value)
+    if tp is str:
+        return isinstance(value, str), value
+    return isinstance(value, tp), value
+
+
+def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin in (Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in typing.get_args(tp))
+    if origin is list:
+        return f"a list of {_type_name(typing.get_args(tp)[0])}"
+    if tp is type(None):
+        return "null"
+    return {int: "an integer", float: "a number", str: "a string", bool: "true/false"}.get(tp, str(tp))
+
+
+# ----------------------------------------------------------------------------- value checks
+
+
+def _check_values(cfg: RunConfig) -> list[str]:
+    p: list[str] = []
+    d = cfg.data
+    if d.train_file is None and d.source is None:
+        p.append("data.source: no data given. Fix: set data.source (e.g. embedded:rotten_tomatoes) "
+                 "or data.train_file.")
+    if d.format is not None and d.format not in FILE_FORMATS:
+        p.append(f"data.format: {d.format!r} is unknown. Fix: use one of {', '.join(FILE_FORMATS)}.")
+    for attr in ("validation_size", "test_size"):
+        v = getattr(d, attr)
+        if v <= 0 or (v >= 1 and v != int(v)):
+            p.append(f"data.{attr}: {v} must be a fraction in (0, 1) or a whole number of rows.")
+    for attr in ("max_train_samples", "max_validation_samples", "max_test_samples"):
+        v = getattr(d, attr)
+        if v is not None and v < 1:
+            p.append(f"data.{attr}: {v} must be at least 1 (or unset for all rows).")
+    if d.max_length < 8:
+        p.append(f"data.max_length: {d.max_length} tokens is too short. Fix: use at least 8 (typically 64-512).")
+    if d.label_names is not None and len(set(d.label_names)) != len(d.label_names):
+        p.append(f"data.label_names: {d.label_names} has duplicates. Fix: list each label once.")
+    if d.label_names is not None and len(d.label_names) < 2:
+        p.append("data.label_names: a classifier needs at least 2 labels.")
+    for section, m in (("teacher", cfg.teacher), ("student", cfg.student)):
+        if (m.name is None) == (m.config is None):
+            p.append(f"{section}: set exactly one of {section}.name (pretrained) or {section}.config (random init).")
+        if m.config is not None and "model_type" not in m.config:
+            p.append(f"{section}.config: needs model_type (e.g. bert, distilbert, roberta).")
+        if m.config is not None and m.tokenizer is None:
+            p.append(f"{section}.tokenizer: a model built from an inline config needs a tokenizer "
+                     f"(e.g. embedded:minilm-l6).")
+        if m.keep_layers is not None:
+            if not m.keep_layers:
+                p.append(f"{section}.keep_layers: empty. Fix: list at least one layer, or unset it to keep all.")
+            elif len(set(m.keep_layers)) != len(m.keep_layers):
+                p.append(f"{section}.keep_layers: {m.keep_layers} repeats a layer. Fix: list each layer once.")
+    s = cfg.student
+    if s.mode not in STUDENT_MODES:
+        p.append(f"student.mode: {s.mode!r} is unknown. Fix: use one of {', '.join(STUDENT_MODES)}.")
+    if s.lora.r < 1:
+        p.append(f"student.lora.r: rank {s.lora.r} must be at least 1.")
+    if not 0 <= s.lora.dropout < 1:
+        p.append(f"student.lora.dropout: {s.lora.dropout} must be in [0, 1).")
+    if not s.lora.target_modules:
+        p.append("student.lora.target_modules: empty. Fix: list modules such as [q, v].")
+    if s.lora.layers is not None and not s.lora.layers:
+        p.append("student.lora.layers: empty. Fix: list layers, or unset it for all layers.")
+    if cfg.budget is not None and cfg.budget < 1:
+        p.append(f"budget: {cfg.budget} trainable parameters is not a budget. Fix: e.g. --budget 1e6.")
+    if any(not ms for ms in cfg.space.target_modules):
+        p.append("space.target_modules: every choice needs at least one module.")
+    if any(r < 1 for r in cfg.space.lora_r):
+        p.append("space.lora_r: every rank must be at least 1.")
+    return p

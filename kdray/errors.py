@@ -1,0 +1,38 @@
+"""User-facing errors: every mistake in the user's input is collected and reported once, exit 2."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable, Sequence
+
+EXIT_USER_ERROR = 2
+
+
+class UserError(Exception):
+    """A mistake in the user's input (file, field, value), reported before any expensive work.
+
+    Each problem names where it is (file and/or field), what is wrong and how to fix it.
+    """
+
+    def __init__(self, problems: str | Sequence[str], where: str | None = None):
+        self.problems = [problems] if isinstance(problems, str) else list(problems)
+        self.where = where
+        super().__init__(self.message())
+
+    def message(self) -> str:
+        where = f" in {self.where}" if self.where else ""
+        if len(self.problems) == 1:
+            return f"kdray: error{where}: {self.problems[0]}"
+        lines = [f"kdray: {len(self.problems)} problems{where}:"]
+        lines += [f"  - {p}" for p in self.problems]
+        return "\n".join(lines)
+
+
+def run_cli(main: Callable[[list[str] | None], int | None], argv: list[str] | None = None) -> None:
+    """Run a command-line entry point; a `UserError` prints one message and exits with status 2."""
+    try:
+        code = main(argv)
+    except UserError as e:
+        print(e.message(), file=sys.stderr)
+        sys.exit(EXIT_USER_ERROR)
+    sys.exit(code or 0)
