@@ -32,8 +32,9 @@ STUDENT_MODES = ("lora", "head", "full")
 class DataConfig:
     source: str | None = "embedded:rotten_tomatoes"
     """Where the examples come from, split for you: `embedded:rotten_tomatoes`, `embedded:imdb`,
-    a local file (.csv, .tsv, .json, .jsonl, .parquet, or a Financial PhraseBank .txt), or a
-    Hugging Face hub name (`glue/sst2`, `imdb`, `ag_news`, `financial_phrasebank`). Leave it
+    a local file (.csv, .tsv, .json, .jsonl, .parquet, or a Financial PhraseBank .txt), a
+    Hugging Face hub name (`glue/sst2`, `imdb`, `ag_news`, `financial_phrasebank`) or a local
+    directory in the hub's layout (read by `datasets.load_dataset`). Leave it
     empty and set `train_file` (and optionally `validation_file`, `test_file`) for one local file
     per split."""
     hub_config: str | None = None
@@ -65,7 +66,7 @@ class DataConfig:
     """Subtracted from integer labels. Unset: 1 when the labels are exactly 1..K (1-based)."""
     validation_size: float = 0.1
     """Validation rows carved (stratified, seeded) from train when there is no validation split:
-    a fraction of all rows if < 1, else a count."""
+    a fraction of the rows being split if < 1, else a count."""
     test_size: float = 0.1
     """Test rows carved from train when there is no test split: a fraction if < 1, else a count."""
     max_train_samples: int | None = None

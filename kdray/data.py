@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import io
+import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -109,6 +110,8 @@ def _read(cfg: DataConfig) -> tuple[dict[str, pd.DataFrame], dict[str, str], lis
     if src.startswith("embedded:"):
         raise UserError(f"data.source: {src!r} is not an embedded dataset. Fix: use one of "
                         f"{', '.join(EMBEDDED_DATASETS)}, a local file or a hub name.")
+    if Path(src).is_dir():  # a dataset saved in the hub's layout: datasets reads it like the hub
+        return _read_hub(cfg)
     if looks_like_path(src):
         return {"train": read_file(src, cfg)}, {"train": src}, None
     return _read_hub(cfg)
@@ -453,5 +456,12 @@ def tokenize(task: TaskData, tokenizer: Any, max_length: int, cache_dir: str | o
 def _tokenizer_identity(tokenizer: Any) -> str:
     """What determines a tokenizer's output: its class, vocabulary and normalisation."""
     backend = getattr(tokenizer, "backend_tokenizer", None)
-    state = backend.to_str() if backend is not None else repr(sorted(tokenizer.get_vocab().items()))
+    if backend is not None:
+        # Calls with truncation=True change the backend's truncation/padding state: not identity.
+        state = json.loads(backend.to_str())
+        state.pop("truncation", None)
+        state.pop("padding", None)
+        state = json.dumps(state, sort_keys=True)
+    else:
+        state = repr(sorted(tokenizer.get_vocab().items()))
     return type(tokenizer).__name__ + hashlib.sha256(state.encode()).hexdigest()[:16]

@@ -1,0 +1,34 @@
+"""Shared fixtures: tiny random models (2 layers, hidden 32), a private cache, the shared data."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+#: ../shared beside the checkout (CI clones the repo with shared/ beside it).
+SHARED = Path(os.environ.get("KDRAY_SHARED", ROOT.parent / "shared"))
+FPB_DIR = SHARED / "data" / "financial_phrasebank"
+
+TINY = {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2, "intermediate_size": 64}
+TINY_CONFIGS = {
+    "bert": {"model_type": "bert", **TINY},
+    "distilbert": {"model_type": "distilbert", "dim": 32, "n_layers": 2, "n_heads": 2, "hidden_dim": 64},
+    "roberta": {"model_type": "roberta", **TINY, "vocab_size": 1000, "max_position_embeddings": 66,
+                "type_vocab_size": 1},
+}
+
+
+@pytest.fixture(autouse=True)
+def private_cache(tmp_path_factory, monkeypatch):
+    """Every test session writes its cache entries into a temporary directory."""
+    monkeypatch.setenv("KDRAY_CACHE", str(tmp_path_factory.getbasetemp() / "kdray-cache"))
+
+
+@pytest.fixture
+def fpb_dir() -> Path:
+    if not FPB_DIR.is_dir():
+        pytest.fail(f"Financial PhraseBank files not found at {FPB_DIR}: set KDRAY_SHARED to the shared/ folder.")
+    return FPB_DIR

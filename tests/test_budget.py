@@ -1,0 +1,78 @@
+"""The budget: golden values from the seeds, and the meta count against PEFT's own count."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from kdray.budget import count, head_cost, rank_limit
+from kdray.config import LoraChoice, StudentConfig
+from kdray.models import build_student, count_trainable
+from tests.conftest import TINY_CONFIGS
+
+DISTILBERT_BASE = {"model_type": "distilbert"}  # DistilBertConfig() defaults = distilbert-base-uncased
+ROBERTA_BASE = {"model_type": "roberta", "vocab_size": 50265, "max_position_embeddings": 514, "type_vocab_size": 1}
+
+
+def student(config, mode="lora", **lora) -> StudentConfig:
+    return StudentConfig(config=config, tokenizer="embedded:minilm-l6", mode=mode, lora=LoraChoice(**lora))
+
+
+@pytest.mark.parametrize("spec, labels, expected", [
+    (student(DISTILBERT_BASE, mode="head"), 2, 592_130),                      # seed 003 frozen baseline
+    (student(DISTILBERT_BASE, r=8, target_modules=["q", "v"]), 2, 739_586),   # seed 003 LoRA r=8
+    (student(DISTILBERT_BASE, r=16, target_modules=["q", "v"]), 2, 887_042),  # seed 003 LoRA r=16
+    (student(ROBERTA_BASE, r=8, target_modules=["q", "v"]), 4, 888_580),      # seed 004 "LoRA only"
+])
+def test_golden_budget_values(spec, labels, expected):
+    assert count(spec, labels) == expected
+
+
+@pytest.mark.parametrize("arch", sorted(TINY_CONFIGS))
+@pytest.mark.parametrize("mode, lora", [
+    ("lora", dict(r=4, target_modules=["q", "v"])),
+    ("lora", dict(r=3, target_modules=["q", "k", "v", "o", "ffn_in", "ffn_out"], layers=[1])),
+    ("lora", dict(r=2, target_modules=["ffn_out"], layers=[0])),
+    ("head", {}),
+    ("full", {}),
+])
+def test_meta_count_equals_peft_count_on_real_model(arch, mode, lora):
+    spec = student(TINY_CONFIGS[arch], mode=mode, **lora)
+    real = build_student(spec, num_labels=3, device="cpu")
+    assert all(p.device.type == "cpu" for p in real.parameters())
+    expected = real.get_nb_trainable_parameters()[0] if mode == "lora" else count_trainable(real)
+    assert count(spec, 3) == expected
+
+
+def test_lora_counts_each_targeted_linear_once():
+    """ffn_out (BERT `output.dense`) must not also catch `attention.output.dense`."""
+    spec = student(TINY_CONFIGS["bert"], r=1, target_modules=["ffn_out"])
+    model = build_student(spec, 2, device="meta")
+    adapted = sorted(n for n, _ in model.named_modules() if n.endswith("lora_A"))
+    assert adapted == [f"base_model.model.bert.encoder.layer.{i}.output.dense.lora_A" for i in (0, 1)]
+    # r=1 on one 64->32 linear per layer: 2 layers * (64 + 32) = 192, plus the 32*2+2 head.
+    assert count(spec, 2) == 192 + 66
+
+
+def test_distilbert_pre_classifier_trains_in_lora_mode():
+    model = build_student(student(TINY_CONFIGS["distilbert"], r=2), 2, device="cpu")
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert any("pre_classifier" in n for n in trainable)
+    assert any("classifier" in n and "pre_" not in n for n in trainable)
+    assert head_cost(student(TINY_CONFIGS["distilbert"]), 2) == (32 * 32 + 32) + (32 * 2 + 2)
+
+
+def test_rank_limit_is_exact_at_the_boundary():
+    spec = student(DISTILBERT_BASE, r=8, target_modules=["q", "v"])
+    lim = rank_limit(spec, 2, ["q", "v"], None)
+    assert lim.fixed == 592_130 and lim.per_rank == 18_432
+    r = lim.max_rank(1_000_000)
+    assert r == 22
+    at = lambda rank: count(student(DISTILBERT_BASE, r=rank, target_modules=["q", "v"]), 2)  # noqa: E731
+    assert at(r) <= 1_000_000 < at(r + 1)
+    assert lim.max_rank(592_130 + 18_431) is None
+
+
+def test_meta_build_allocates_nothing():
+    model = build_student(student(ROBERTA_BASE, r=8), 4, device="meta")
+    assert {p.device for p in model.parameters()} == {torch.device("meta")}

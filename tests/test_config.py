@@ -1,0 +1,76 @@
+"""Config: shipped spaces load, overrides apply, every problem is listed at once, the CLI exits 2."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from kdray.budget import count, num_labels_of
+from kdray.config import SPACES_DIR, load_config
+from kdray.errors import UserError
+from tests.conftest import ROOT
+
+SHIPPED = sorted(p.stem for p in SPACES_DIR.glob("*.yaml"))
+
+
+def test_spaces_are_shipped_in_the_package_and_at_the_repo_root():
+    assert {"smoke", "default"} <= set(SHIPPED)
+    assert sorted(p.stem for p in (ROOT / "search_spaces").glob("*.yaml")) == SHIPPED
+
+
+@pytest.mark.parametrize("name", SHIPPED)
+def test_every_shipped_space_loads_and_its_student_fits(name):
+    cfg = load_config(name)
+    k = len(cfg.data.label_names) if cfg.data.label_names else 2
+    assert cfg.budget is None or count(cfg.student, k) <= cfg.budget
+
+
+def test_overrides_apply_with_yaml_types():
+    cfg = load_config("smoke", ["student.lora.r=16", "data.max_length=48", "student.lora.layers=[1]", "budget=2e5"])
+    assert (cfg.student.lora.r, cfg.data.max_length, cfg.student.lora.layers, cfg.budget) == (16, 48, [1], 200000)
+
+
+def test_every_problem_is_reported_at_once(tmp_path):
+    f = tmp_path / "bad.yaml"
+    f.write_text("data:\n  sorce: x.csv\n  max_length: 2\nstudent:\n  mode: lorra\n  lora: {r: 0}\nbudget: lots\n")
+    with pytest.raises(UserError) as e:
+        load_config(str(f))
+    msg = e.value.message()
+    assert msg.startswith(f"kdray: 6 problems in {f}")
+    for needle in ["student: set exactly one of student.name (pretrained) or student.config",
+                   "data.sorce: unknown field. Did you mean 'source'?", "data.max_length: 2 tokens",
+                   "student.mode: 'lorra' is unknown", "student.lora.r: rank 0", "budget: 'lots' is not an integer"]:
+        assert needle in msg
+
+
+def test_relative_paths_become_absolute(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    cfg = load_config("smoke", ["data.source=reviews.csv"])
+    assert cfg.data.source == str(tmp_path / "reviews.csv")
+
+
+def run_budget(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "kdray.budget", *args], capture_output=True, text=True, cwd=ROOT)
+
+
+def test_budget_cli_prints_count_and_feasible_ranks():
+    r = run_budget("--space", "smoke", "--budget", "1e5")
+    assert r.returncode == 0, r.stderr
+    assert "trainable parameters: 1,090  (budget 100,000: fits" in r.stdout
+    assert "q,v" in r.stdout and "390" in r.stdout  # (100000 - 66) // 256
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["--budget", "100"], "below the smallest feasible student of this space (578"),
+    (["--set", "data.source=missing.csv"], "missing.csv: no such file"),
+    (["--set", "student.lora.target_modules=[q, nope]"], "'nope' is not a linear module of a bert layer"),
+    (["--set", "student.keep_layers=[0, 9]"], "out of range"),
+    (["--space", "no-such-space"], "not a shipped space"),
+])
+def test_budget_cli_bad_input_exits_2_with_one_message(args, needle):
+    r = run_budget(*(["--space", "smoke"] if "--space" not in args else []), *args)
+    assert r.returncode == 2, r.stdout + r.stderr
+    assert needle in r.stderr
+    assert "Traceback" not in r.stderr
