@@ -112,7 +112,34 @@ class LoraChoice:
 
 
 @dataclass
-class StudentConfig(ModelConfig):
+class TrainConfig:
+    epochs: int = 3
+    """Passes over the training split."""
+    batch_size: int = 32
+    """Examples per step on each worker."""
+    eval_batch_size: int = 128
+    """Examples per forward pass when evaluating and computing teacher logits."""
+    learning_rate: float = 5e-4
+    """Peak AdamW learning rate (after linear warmup, then linear decay to 0)."""
+    weight_decay: float = 0.01
+    """AdamW weight decay on matrices (not on biases and LayerNorm)."""
+    warmup_ratio: float = 0.06
+    """Share of all steps spent warming the learning rate up from 0."""
+    max_grad_norm: float = 1.0
+    """Gradient clipping norm."""
+    alpha: float = 0.5
+    """Weight of the hard-label cross-entropy; 1 - alpha weighs the KD term. 1 = no KD."""
+    temperature: float = 2.0
+    """Softmax temperature of the KD term (its loss is scaled by T^2, Hinton 2015)."""
+    group_by_length: bool = True
+    """Batch examples of similar length together (less padding), shuffled per epoch."""
+    teacher_logits: str = "cached"
+    """`cached`: read the teacher's logits computed once per (teacher, data); `online`: run the
+    teacher forward on every batch (the seeds' way, kept for benchmarks and equivalence)."""
+
+
+@dataclass
+class TrainableModelConfig(ModelConfig):
     mode: str = "lora"
     """`lora` (LoRA adapters + trainable head), `head` (frozen encoder, trainable head) or
     `full` (every weight trains)."""
@@ -121,8 +148,28 @@ class StudentConfig(ModelConfig):
 
 
 @dataclass
-class TeacherConfig(ModelConfig):
+class StudentConfig(TrainableModelConfig):
     pass
+
+
+@dataclass
+class TeacherConfig(TrainableModelConfig):
+    mode: str = "full"
+    """`full` fine-tune, or `lora` for large teachers (seed 004)."""
+    fine_tuned: bool = False
+    """The model is already fine-tuned on this task: evaluate it and compute its logits only."""
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(epochs=2, learning_rate=5e-5, alpha=1.0))
+    """How the teacher is fine-tuned (alpha is always 1: labels only)."""
+
+
+@dataclass
+class ResourcesConfig:
+    workers: int = 1
+    """Ray Train workers per trial (data-parallel: DDP on GPU, gloo on CPU)."""
+    cpus_per_worker: float = 1.0
+    """CPUs reserved by each worker."""
+    gpus_per_worker: float = 0.0
+    """GPUs per worker; fractions let several small students share one GPU. 0 = CPU."""
 
 
 @dataclass
@@ -144,6 +191,9 @@ class RunConfig:
     data: DataConfig = field(default_factory=DataConfig)
     teacher: TeacherConfig = field(default_factory=lambda: TeacherConfig(name="embedded:minilm-l6"))
     student: StudentConfig = field(default_factory=lambda: StudentConfig(name="embedded:minilm-l6"))
+    train: TrainConfig = field(default_factory=TrainConfig)
+    """How each student trains (the search overrides the knobs it samples)."""
+    resources: ResourcesConfig = field(default_factory=ResourcesConfig)
     space: SpaceConfig = field(default_factory=SpaceConfig)
     cache_dir: str | None = None
     """Cache of tokenized data, teachers and logits; unset: `$KDRAY_CACHE` or `~/.cache/kdray`."""
@@ -381,6 +431,17 @@ def _check_values(cfg: RunConfig) -> list[str]:
                 p.append(f"{section}.keep_layers: empty. Fix: list at least one layer, or unset it to keep all.")
             elif len(set(m.keep_layers)) != len(m.keep_layers):
                 p.append(f"{section}.keep_layers: {m.keep_layers} repeats a layer. Fix: list each layer once.")
+    for section, t in (("train", cfg.train), ("teacher.train", cfg.teacher.train)):
+        p += _check_train(section, t)
+    r = cfg.resources
+    if r.workers < 1:
+        p.append(f"resources.workers: {r.workers} must be at least 1.")
+    if r.cpus_per_worker <= 0:
+        p.append(f"resources.cpus_per_worker: {r.cpus_per_worker} must be above 0.")
+    if r.gpus_per_worker < 0:
+        p.append(f"resources.gpus_per_worker: {r.gpus_per_worker} must be 0 (CPU) or more.")
+    if cfg.teacher.mode not in ("full", "lora"):
+        p.append(f"teacher.mode: {cfg.teacher.mode!r} is unknown. Fix: use full or lora.")
     s = cfg.student
     if s.mode not in STUDENT_MODES:
         p.append(f"student.mode: {s.mode!r} is unknown. Fix: use one of {', '.join(STUDENT_MODES)}.")
@@ -398,4 +459,24 @@ def _check_values(cfg: RunConfig) -> list[str]:
         p.append("space.target_modules: every choice needs at least one module.")
     if any(r < 1 for r in cfg.space.lora_r):
         p.append("space.lora_r: every rank must be at least 1.")
+    return p
+
+
+def _check_train(section: str, t: TrainConfig) -> list[str]:
+    p = []
+    if t.epochs < 0:
+        p.append(f"{section}.epochs: {t.epochs} must be 0 or more.")
+    for attr in ("batch_size", "eval_batch_size"):
+        if getattr(t, attr) < 1:
+            p.append(f"{section}.{attr}: {getattr(t, attr)} must be at least 1.")
+    if t.learning_rate <= 0:
+        p.append(f"{section}.learning_rate: {t.learning_rate} must be above 0.")
+    if not 0 <= t.alpha <= 1:
+        p.append(f"{section}.alpha: {t.alpha} must be in [0, 1] (1 = labels only, 0 = teacher only).")
+    if t.temperature <= 0:
+        p.append(f"{section}.temperature: {t.temperature} must be above 0.")
+    if not 0 <= t.warmup_ratio < 1:
+        p.append(f"{section}.warmup_ratio: {t.warmup_ratio} must be in [0, 1).")
+    if t.teacher_logits not in ("cached", "online"):
+        p.append(f"{section}.teacher_logits: {t.teacher_logits!r} is unknown. Fix: cached or online.")
     return p

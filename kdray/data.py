@@ -435,7 +435,7 @@ def tokenize(task: TaskData, tokenizer: Any, max_length: int, cache_dir: str | o
     """
     import datasets
 
-    key = fingerprint("tokenized", task.fingerprint, _tokenizer_identity(tokenizer), max_length)
+    key = fingerprint("tokenized", task.fingerprint, tokenizer_identity(tokenizer), max_length)
     pair = "text_pair" in task.splits["train"].column_names
 
     def build(tmp: Path) -> None:
@@ -453,7 +453,7 @@ def tokenize(task: TaskData, tokenizer: Any, max_length: int, cache_dir: str | o
     return datasets.load_from_disk(str(path)), hit
 
 
-def _tokenizer_identity(tokenizer: Any) -> str:
+def tokenizer_identity(tokenizer: Any) -> str:
     """What determines a tokenizer's output: its class, vocabulary and normalisation."""
     backend = getattr(tokenizer, "backend_tokenizer", None)
     if backend is not None:

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from kdray.config import LoraChoice, ModelConfig, StudentConfig
+from kdray.config import LoraChoice, ModelConfig, TrainableModelConfig
 from kdray.errors import UserError
 
 #: Pretrained models shipped as Python packages, usable offline.
@@ -169,7 +169,7 @@ def resolve_target_modules(model: nn.Module, lora: LoraChoice) -> list[str]:
     return [f"{prefix}.{i}.{rel}" for i in sorted(set(chosen)) for rel in relative]
 
 
-def apply_student_mode(model: nn.Module, student: StudentConfig) -> nn.Module:
+def apply_student_mode(model: nn.Module, student: TrainableModelConfig) -> nn.Module:
     """Make the student's trainable set: LoRA (PEFT) + head, head only, or everything."""
     head = head_modules(model)
     if student.mode == "full":
@@ -189,7 +189,7 @@ def apply_student_mode(model: nn.Module, student: StudentConfig) -> nn.Module:
     return get_peft_model(model, config)
 
 
-def build_student(student: StudentConfig, num_labels: int, label_names: list[str] | None = None,
+def build_student(student: TrainableModelConfig, num_labels: int, label_names: list[str] | None = None,
                   device: str | torch.device = "cpu", seed: int = 0) -> nn.Module:
     """The student exactly as it trains (on `meta`: exactly as the budget counts it)."""
     return apply_student_mode(build_model(student, num_labels, label_names, device, seed), student)
@@ -199,3 +199,27 @@ def count_trainable(model: nn.Module) -> int:
     """Parameters with requires_grad=True: the budget's definition (head included)."""
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
+
+
+def to_payload(model: nn.Module) -> dict[str, Any]:
+    """A plain (non-PEFT) classifier as `{config, state_dict}`: picklable for the object store,
+    so workers never read a driver-local directory."""
+    return {"config": model.config.to_dict(),
+            "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()}}
+
+
+def from_payload(payload: dict[str, Any]) -> nn.Module:
+    from transformers import AutoConfig, AutoModelForSequenceClassification
+
+    cfg_dict = dict(payload["config"])
+    cfg = AutoConfig.for_model(cfg_dict.pop("model_type"), **cfg_dict)
+    model = AutoModelForSequenceClassification.from_config(cfg, dtype=torch.float32)
+    model.load_state_dict(payload["state_dict"], strict=True)
+    return model.eval()
+
+
+def from_pretrained_dir(path: str | Path) -> nn.Module:
+    """A saved plain classifier (e.g. the teacher stage's `model/`)."""
+    from transformers import AutoModelForSequenceClassification
+
+    return AutoModelForSequenceClassification.from_pretrained(str(path), dtype=torch.float32).eval()

@@ -1,0 +1,117 @@
+"""Ray plumbing shared by the stages that talk to Ray: start or join a cluster, run a loop on
+Ray Train workers.
+
+Local runs start Ray with the dashboard on and bound to 127.0.0.1: Ray Train frees the workers
+of a stopped trial through the state API the dashboard serves, and without it the next trial
+waits forever (shared RAY_NOTES.md). `address` / `$RAY_ADDRESS` joins an existing cluster.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from kdray.config import ResourcesConfig
+
+
+def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
+    """Start a local Ray (dashboard on 127.0.0.1) or join `address` / `$RAY_ADDRESS`."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    env = {k: os.environ[k] for k in ("WANDB_MODE", "WANDB_API_KEY", "KDRAY_CACHE", "HF_HOME") if k in os.environ}
+    runtime_env = {"env_vars": env} if env else None
+    address = address or os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address, runtime_env=runtime_env, log_to_driver=True)
+    else:
+        ray.init(num_cpus=num_cpus, include_dashboard=True, dashboard_host="127.0.0.1",
+                 runtime_env=runtime_env, log_to_driver=True)
+
+
+def scaling(resources: ResourcesConfig) -> Any:
+    from ray.train import ScalingConfig
+
+    use_gpu = resources.gpus_per_worker > 0
+    per_worker = {"CPU": resources.cpus_per_worker}
+    if use_gpu:
+        per_worker["GPU"] = resources.gpus_per_worker
+    return ScalingConfig(num_workers=resources.workers, use_gpu=use_gpu, resources_per_worker=per_worker)
+
+
+def fit(loop: Callable[[dict], None], config: dict, *, name: str, storage_path: str | os.PathLike,
+        resources: ResourcesConfig, max_failures: int = 0, callbacks: list | None = None) -> Any:
+    """Run `loop(config)` on Ray Train workers; return the Train `Result` (raises on failure).
+
+    `name` gets a unique suffix: Ray Train resumes any earlier run under the same
+    (storage_path, name), even a finished one, which a fresh fit must never do.
+    """
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig
+    from ray.train.torch import TorchTrainer
+
+    run_name = f"{name}-{uuid.uuid4().hex[:8]}"
+    trainer = TorchTrainer(
+        loop,
+        train_loop_config=config,
+        scaling_config=scaling(resources),
+        run_config=RunConfig(
+            name=run_name,
+            storage_path=str(Path(storage_path).resolve()) if "://" not in str(storage_path) else str(storage_path),
+            checkpoint_config=CheckpointConfig(num_to_keep=2),
+            failure_config=FailureConfig(max_failures=max_failures),
+            callbacks=callbacks,
+        ),
+    )
+    result = trainer.fit()
+    if result.error is not None:
+        raise result.error
+    return result
+
+
+def worker_context() -> tuple[int, int, Any]:
+    """`(rank, world_size, device)` of this Ray Train worker."""
+    import ray.train
+    import ray.train.torch
+
+    ctx = ray.train.get_context()
+    return ctx.get_world_rank(), ctx.get_world_size(), ray.train.torch.get_device()
+
+
+def ray_report(metrics: dict, checkpoint_dir: str | None) -> None:
+    """The `report` callable the loops take, for a Ray Train worker."""
+    import ray.train
+
+    ckpt = ray.train.Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir is not None else None
+    ray.train.report(metrics, checkpoint=ckpt)
+
+
+def prepare_model(model: Any) -> Any:
+    """Move to this worker's device and wrap in DDP when there are several workers."""
+    import ray.train.torch
+
+    return ray.train.torch.prepare_model(model)
+
+
+def distill_worker(config: dict) -> None:
+    """Ray Train entry point of one distillation (a trial): `config` holds the `DistillJob` and
+    an object-store reference to the shared `DistillData`."""
+    import ray
+    import ray.train
+
+    from kdray.distill import distill
+
+    rank, world, device = worker_context()
+    data = config["data"]
+    data = ray.get(data) if isinstance(data, ray.ObjectRef) else data
+    ckpt = ray.train.get_checkpoint()
+    if ckpt is None:
+        distill(config["job"], data, ray_report, rank=rank, world_size=world, device=device,
+                prepare_model=prepare_model)
+        return
+    with ckpt.as_directory() as d:
+        distill(config["job"], data, ray_report, rank=rank, world_size=world, device=device,
+                prepare_model=prepare_model, resume_from=d)

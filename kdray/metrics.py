@@ -1,0 +1,39 @@
+"""Metric names, defined once: flat, prefixed by split (DESIGN.md)."""
+
+from __future__ import annotations
+
+import numpy as np
+
+TRAIN_LOSS = "train/loss"
+TRAIN_CE = "train/ce_loss"
+TRAIN_KD = "train/kd_loss"
+VAL_LOSS = "val/loss"
+VAL_ACCURACY = "val/accuracy"
+VAL_F1 = "val/f1_macro"
+TEST_ACCURACY = "test/accuracy"
+TEST_F1 = "test/f1_macro"
+TRAINABLE_PARAMS = "trainable_params"
+EPOCHS_DONE = "epochs_done"
+"""Epochs finished: ASHA's time attribute (it survives a Tune-level restore, RAY_NOTES.md)."""
+STATUS = "status"
+"""`running` after an epoch with more to come, `completed`, or `diverged` (non-finite loss)."""
+STATUS_RUNNING, STATUS_COMPLETED, STATUS_DIVERGED = "running", "completed", "diverged"
+SAMPLES_PER_S = "train/samples_per_s"
+EPOCH_SECONDS = "time/epoch_s"
+
+
+def classification_metrics(confusion: np.ndarray, prefix: str) -> dict[str, float]:
+    """Accuracy and macro-F1 (scikit-learn) from a K x K confusion matrix (rows: true labels).
+
+    Workers all-reduce confusion matrices, which is exact, then metrics come from the sum.
+    """
+    from sklearn.metrics import accuracy_score, f1_score
+
+    k = confusion.shape[0]
+    true, pred = np.nonzero(confusion)
+    counts = confusion[true, pred].astype(np.int64)
+    y_true, y_pred = np.repeat(true, counts), np.repeat(pred, counts)
+    return {
+        f"{prefix}/accuracy": float(accuracy_score(y_true, y_pred)),
+        f"{prefix}/f1_macro": float(f1_score(y_true, y_pred, labels=list(range(k)), average="macro", zero_division=0)),
+    }

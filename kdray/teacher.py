@@ -1,0 +1,203 @@
+"""Teacher stage: fine-tune (or take) the teacher, evaluate it, and compute its logits once.
+
+The teacher trains with the distillation loop itself (`alpha=1`: labels only) on Ray Train
+workers. Its logits on train and validation are computed by the same workers right after
+training, each on its shard, while the trained weights are still in memory: a separate Ray Data
+job would pay a second start-up (~10-20 s here) and reload the model for no gain. Everything is
+cached under a fingerprint of what determines it (teacher spec and training, tokenizer, data,
+max_length, seed): a second run trains nothing and says so.
+
+    python -m kdray.teacher --space FILE [--set key=value ...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from kdray import metrics as M
+from kdray.cache import cache_root, cached_dir, fingerprint
+from kdray.config import RunConfig, load_config, to_dict
+from kdray.data import TaskData, tokenizer_identity, load_data, tokenize
+from kdray.errors import run_cli
+
+MODEL_DIR, LOGITS_FILE, RECORD_FILE = "model", "logits.parquet", "record.json"
+
+
+@dataclass
+class TeacherResult:
+    """The teacher stage's output: a cache entry holding the model, its logits and a record."""
+
+    path: Path
+    record: dict[str, Any]
+    """Validation metrics, timings, what it was built from."""
+    cache_hit: bool
+    """True when this call found the entry and trained nothing."""
+
+    @property
+    def model_dir(self) -> Path:
+        """A Hugging Face model directory (safetensors + tokenizer), LoRA merged."""
+        return self.path / MODEL_DIR
+
+    @property
+    def logits_path(self) -> Path:
+        """Parquet: example_id, split (train/validation), logits (list<float32>)."""
+        return self.path / LOGITS_FILE
+
+
+def teacher_fingerprint(cfg: RunConfig, task: TaskData, tokenizer: Any) -> str:
+    return fingerprint("teacher-v1", to_dict(cfg.teacher), task.fingerprint, tokenizer_identity(tokenizer),
+                       cfg.data.max_length, cfg.seed)
+
+
+def prepare_teacher(cfg: RunConfig, task: TaskData, *, storage_path: str | Path | None = None,
+                    log: bool = True) -> TeacherResult:
+    """Return the cached teacher for (teacher, data), training it on Ray Train on a miss."""
+    from kdray.models import load_tokenizer
+
+    tokenizer = load_tokenizer(cfg.teacher)
+    key = teacher_fingerprint(cfg, task, tokenizer)
+    root = cache_root(cfg.cache_dir)
+    say = print if log else (lambda *a, **k: None)
+
+    def build(tmp: Path) -> None:
+        say(f"teacher: no cached teacher {key}; {'evaluating' if cfg.teacher.fine_tuned else 'fine-tuning'} "
+            f"{cfg.teacher.name or 'the inline config'} on {task.description}")
+        _train_on_ray(cfg, task, tokenizer, tmp, storage_path, key)
+        tokenizer.save_pretrained(tmp / MODEL_DIR)
+
+    path, hit = cached_dir("teacher", key, build, root=root)
+    record = json.loads((path / RECORD_FILE).read_text())
+    if hit:
+        say(f"teacher: cache hit {path} (trained nothing): val accuracy {record[M.VAL_ACCURACY]:.4f}")
+    else:
+        say(f"teacher: cached at {path}: val accuracy {record[M.VAL_ACCURACY]:.4f}, "
+            f"trained in {record['train_seconds']:.0f}s, logits in {record['logits_seconds']:.0f}s")
+    return TeacherResult(path, record, hit)
+
+
+def _train_on_ray(cfg: RunConfig, task: TaskData, tokenizer: Any, out: Path, storage_path: Any, key: str) -> None:
+    import ray
+
+    from kdray.cluster import fit, init_ray
+    from kdray.distill import DistillData, DistillJob, Split
+
+    tokenized, _ = tokenize(task, tokenizer, cfg.data.max_length, cfg.cache_dir)
+    data = DistillData(Split.from_dataset(tokenized["train"]), Split.from_dataset(tokenized["validation"]))
+    train = dataclasses.replace(cfg.teacher.train, alpha=1.0, teacher_logits="cached")
+    job = DistillJob(cfg.teacher, train, task.label_names, tokenizer.pad_token_id, cfg.seed)
+    init_ray()
+    storage = storage_path or Path(tempfile.gettempdir()) / "kdray-train"
+    result = fit(teacher_worker, {"job": job, "data": ray.put(data), "fine_tuned": cfg.teacher.fine_tuned},
+                 name=f"teacher-{key}", storage_path=storage, resources=cfg.resources)
+    with result.checkpoint.as_directory() as d:
+        for name in (MODEL_DIR, LOGITS_FILE, RECORD_FILE):
+            src = Path(d) / name
+            (shutil.copytree if src.is_dir() else shutil.copy2)(src, out / name)
+
+
+def teacher_worker(config: dict) -> None:
+    """Ray Train entry point: fine-tune, evaluate, compute logits on this rank's shard, and (rank
+    0) write model + logits + record as the run's final checkpoint."""
+    import ray
+    import ray.train
+    import torch.distributed as dist
+
+    from kdray.cluster import prepare_model, ray_report, worker_context
+    from kdray.distill import distill, evaluate, predict_logits, write_logits
+    from kdray.models import build_model
+
+    job, data = config["job"], ray.get(config["data"])
+    rank, world, device = worker_context()
+    t0 = time.perf_counter()
+    ckpt = ray.train.get_checkpoint()
+    if config["fine_tuned"] or job.train.epochs == 0:
+        model = build_model(job.model, job.num_labels, job.label_names, device=device, seed=job.seed)
+    elif ckpt is None:
+        model = distill(job, data, ray_report, rank=rank, world_size=world, device=device,
+                        prepare_model=prepare_model).model
+    else:
+        with ckpt.as_directory() as d:
+            model = distill(job, data, ray_report, rank=rank, world_size=world, device=device,
+                            prepare_model=prepare_model, resume_from=d).model
+    if hasattr(model, "merge_and_unload"):  # a LoRA teacher is saved and served merged
+        model = model.merge_and_unload()
+    train_seconds = time.perf_counter() - t0
+    t1 = time.perf_counter()
+    val = evaluate(model, data.validation, job, device, rank, world)
+    parts = {}
+    for split_name, split in (("train", data.train), ("validation", data.validation)):
+        mine = np.arange(rank, len(split), world)
+        progress = _progress(f"teacher logits ({split_name})") if rank == 0 else None
+        logits = predict_logits(model, split, job.train.eval_batch_size, job.pad_token_id, device, mine, progress)
+        shard = (split.example_ids[mine], logits)
+        if world > 1:
+            shards: list = [None] * world
+            dist.all_gather_object(shards, shard)
+            shard = (np.concatenate([s[0] for s in shards]), np.concatenate([s[1] for s in shards]))
+        parts[split_name] = shard
+    logits_seconds = time.perf_counter() - t1
+    record = {**val, "train_seconds": train_seconds, "logits_seconds": logits_seconds, "workers": world,
+              "device": str(device), "epochs": 0 if config["fine_tuned"] else job.train.epochs,
+              "label_names": job.label_names, "model": job.model.name or "inline config"}
+    with tempfile.TemporaryDirectory(prefix="kdray-teacher-") as tmp:
+        if rank == 0:
+            model.save_pretrained(Path(tmp) / MODEL_DIR, safe_serialization=True)
+            write_logits(Path(tmp) / LOGITS_FILE, parts)
+            (Path(tmp) / RECORD_FILE).write_text(json.dumps(record, indent=2))
+        ray_report({**val, M.STATUS: "teacher_done"}, tmp if rank == 0 else None)
+
+
+def _progress(what: str):
+    start = time.perf_counter()
+    last = [0.0]
+
+    def show(done: int, total: int) -> None:
+        now = time.perf_counter()
+        if now - last[0] < 10 and done < total:
+            return
+        last[0] = now
+        rate = done / max(now - start, 1e-9)
+        print(f"{what}: {done}/{total} ({100 * done / total:.0f}%), {rate:.0f} examples/s, "
+              f"eta {(total - done) / max(rate, 1e-9):.0f}s", flush=True)
+
+    return show
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m kdray.teacher", description=(
+        "Fine-tune the teacher of a search space on Ray Train (or find it in the cache), evaluate it "
+        "on validation and compute its logits on train and validation once."))
+    ap.add_argument("--space", help="search-space YAML, or a shipped space's name (default: default)")
+    ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                    help="override a config field, e.g. --set teacher.train.epochs=1 (repeatable)")
+    ap.add_argument("--workers", type=int, help="Ray Train workers (overrides resources.workers)")
+    ap.add_argument("--address", help="Ray cluster to join (default: $RAY_ADDRESS, else start one locally)")
+    args = ap.parse_args(argv)
+    overrides = args.overrides + ([f"resources.workers={args.workers}"] if args.workers is not None else [])
+    cfg = load_config(args.space, overrides)
+    t0 = time.perf_counter()
+    task = load_data(cfg.data)
+    print(f"data: {task.description}")
+    if args.address:
+        from kdray.cluster import init_ray
+
+        init_ray(args.address)
+    result = prepare_teacher(cfg, task)
+    r = result.record
+    print(f"teacher: val accuracy {r[M.VAL_ACCURACY]:.4f}, val f1_macro {r[M.VAL_F1]:.4f}; "
+          f"{'cache hit' if result.cache_hit else 'built'} in {time.perf_counter() - t0:.0f}s; {result.path}")
+    return 0
+
+
+if __name__ == "__main__":
+    run_cli(main)
