@@ -97,8 +97,8 @@ def prepare_model(model: Any) -> Any:
 
 
 def distill_worker(config: dict) -> None:
-    """Ray Train entry point of one distillation (a trial): `config` holds the `DistillJob` and
-    an object-store reference to the shared `DistillData`."""
+    """Ray Train entry point of one distillation (a trial): `config` holds the `DistillJob`, an
+    object-store reference to the shared `DistillData`, and optionally a `resume_from` Checkpoint."""
     import ray
     import ray.train
 
@@ -107,7 +107,9 @@ def distill_worker(config: dict) -> None:
     rank, world, device = worker_context()
     data = config["data"]
     data = ray.get(data) if isinstance(data, ray.ObjectRef) else data
-    ckpt = ray.train.get_checkpoint()
+    # This run's own latest checkpoint (after a worker failure) wins over an explicit one to
+    # start from (`resume_from`: Train V2 takes it through the loop's config).
+    ckpt = ray.train.get_checkpoint() or config.get("resume_from")
     if ckpt is None:
         distill(config["job"], data, ray_report, rank=rank, world_size=world, device=device,
                 prepare_model=prepare_model)

@@ -266,7 +266,7 @@ def predict_logits(model: nn.Module, split: Split, batch_size: int, pad_id: int,
     idx = np.arange(len(split)) if indices is None else np.asarray(indices)
     order = idx[np.argsort(-split.lengths[idx], kind="stable")]
     out: dict[int, np.ndarray] = {}
-    autocast = _autocast(device)
+    autocast = autocast_for(device)
     for b, start in enumerate(range(0, len(order), batch_size)):
         chunk = order[start:start + batch_size]
         batch = split.collate(chunk, pad_id, device)
@@ -300,14 +300,14 @@ def evaluate(model: nn.Module, split: Split, job: DistillJob, device: torch.devi
     return out
 
 
-def _autocast(device: torch.device):
+def autocast_for(device: torch.device):
     # bf16 autocast on GPU (no loss scaling needed); plain fp32 on CPU, where bf16 is slower.
     if device.type == "cuda":
         return torch.autocast("cuda", dtype=torch.bfloat16)
     return torch.autocast("cpu", enabled=False)
 
 
-def _optimizer(model: nn.Module, cfg: TrainConfig, device: torch.device) -> torch.optim.Optimizer:
+def make_optimizer(model: nn.Module, cfg: TrainConfig, device: torch.device) -> torch.optim.Optimizer:
     decay, no_decay = [], []
     for p in model.parameters():
         if p.requires_grad:
@@ -348,6 +348,24 @@ def load_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimiz
     return st["epochs_done"], st["history"]
 
 
+def forward_loss(model: nn.Module, batch: dict[str, torch.Tensor], teacher: Callable | None, cfg: TrainConfig,
+                 autocast: Any) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One batch's KD loss: teacher logits (cached look-up or online forward), student forward."""
+    t_logits = teacher(batch) if teacher is not None else None
+    with autocast:
+        logits = model(**model_inputs(batch)).logits
+    return kd_loss(logits, batch["labels"], t_logits, cfg.alpha, cfg.temperature)
+
+
+def backward_step(model: nn.Module, loss: torch.Tensor, optimizer: torch.optim.Optimizer, scheduler: Any,
+                  cfg: TrainConfig) -> None:
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], cfg.max_grad_norm)
+    optimizer.step()
+    scheduler.step()
+
+
 def distill(job: DistillJob, data: DistillData, report: Report, *, rank: int = 0, world_size: int = 1,
             device: str | torch.device = "cpu", resume_from: str | os.PathLike | None = None,
             prepare_model: Callable[[nn.Module], nn.Module] | None = None, log: bool = True,
@@ -377,7 +395,7 @@ def distill(job: DistillJob, data: DistillData, report: Report, *, rank: int = 0
             teacher = CachedTeacher(data.teacher_logits)
     steps_per_epoch = len(make_batches(data.train.lengths, cfg.batch_size, shuffle=True, seed=job.seed, epoch=0,
                                        group_by_length=cfg.group_by_length, rank=rank, world_size=world_size))
-    optimizer = _optimizer(model, cfg, device)
+    optimizer = make_optimizer(model, cfg, device)
     total = max(1, steps_per_epoch * cfg.epochs)
     scheduler = get_linear_schedule_with_warmup(optimizer, int(cfg.warmup_ratio * total), total)
     start_epoch, history = 0, []
@@ -386,7 +404,7 @@ def distill(job: DistillJob, data: DistillData, report: Report, *, rank: int = 0
         if log and rank == 0:
             print(f"resumed from {resume_from} after epoch {start_epoch}", flush=True)
     lengths = data.train.lengths
-    autocast = _autocast(device)
+    autocast = autocast_for(device)
     status = M.STATUS_COMPLETED
     for epoch in range(start_epoch, cfg.epochs):
         torch.manual_seed(job.seed * 1_000_003 + epoch * 101 + rank)  # dropout: reproducible on resume
@@ -397,19 +415,12 @@ def distill(job: DistillJob, data: DistillData, report: Report, *, rank: int = 0
         t0 = last_log = time.perf_counter()
         for step, idx in enumerate(batches, 1):
             batch = data.train.collate(idx, job.pad_token_id, device)
-            t_logits = teacher(batch) if teacher is not None else None
-            with autocast:
-                logits = model(**model_inputs(batch)).logits
-            loss, ce, kd = kd_loss(logits, batch["labels"], t_logits, cfg.alpha, cfg.temperature)
+            loss, ce, kd = forward_loss(model, batch, teacher, cfg, autocast)
             bad = _all_reduce(torch.tensor([0.0 if torch.isfinite(loss) else 1.0], device=device), world_size)
             if bad.item() > 0:
                 status = M.STATUS_DIVERGED
                 break
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], cfg.max_grad_norm)
-            optimizer.step()
-            scheduler.step()
+            backward_step(model, loss, optimizer, scheduler, cfg)
             n = len(idx)
             sums += torch.tensor([loss.item() * n, ce.item() * n, kd.item() * n, n], dtype=torch.float64)
             now = time.perf_counter()

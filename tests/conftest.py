@@ -7,6 +7,10 @@ from pathlib import Path
 
 import pytest
 
+# Before Ray or wandb is imported anywhere: no token auth for the local test cluster, no wandb key.
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+os.environ.setdefault("WANDB_MODE", "offline")
+
 ROOT = Path(__file__).resolve().parents[1]
 #: ../shared beside the checkout (CI clones the repo with shared/ beside it).
 SHARED = Path(os.environ.get("KDRAY_SHARED", ROOT.parent / "shared"))
@@ -32,3 +36,15 @@ def fpb_dir() -> Path:
     if not FPB_DIR.is_dir():
         pytest.fail(f"Financial PhraseBank files not found at {FPB_DIR}: set KDRAY_SHARED to the shared/ folder.")
     return FPB_DIR
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    """One real local Ray cluster for the session (4 logical CPUs on 2 cores: RAY_NOTES.md)."""
+    import ray
+
+    from kdray.cluster import init_ray
+
+    init_ray(num_cpus=4)
+    yield ray
+    ray.shutdown()
