@@ -23,7 +23,8 @@ def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
 
     if ray.is_initialized():
         return
-    env = {k: os.environ[k] for k in ("WANDB_MODE", "WANDB_API_KEY", "KDRAY_CACHE", "HF_HOME") if k in os.environ}
+    forwarded = ("WANDB_MODE", "WANDB_API_KEY", "KDRAY_CACHE", "HF_HOME", "TRANSFORMERS_VERBOSITY")
+    env = {k: os.environ[k] for k in forwarded if k in os.environ}
     runtime_env = {"env_vars": env} if env else None
     address = address or os.environ.get("RAY_ADDRESS")
     if address:

@@ -139,6 +139,16 @@ class TrainConfig:
 
 
 @dataclass
+class ResourcesConfig:
+    workers: int = 1
+    """Ray Train workers per trial (data-parallel: DDP on GPU, gloo on CPU)."""
+    cpus_per_worker: float = 1.0
+    """CPUs reserved by each worker."""
+    gpus_per_worker: float = 0.0
+    """GPUs per worker; fractions let several small students share one GPU. 0 = CPU."""
+
+
+@dataclass
 class TrainableModelConfig(ModelConfig):
     mode: str = "lora"
     """`lora` (LoRA adapters + trainable head), `head` (frozen encoder, trainable head) or
@@ -160,16 +170,9 @@ class TeacherConfig(TrainableModelConfig):
     """The model is already fine-tuned on this task: evaluate it and compute its logits only."""
     train: TrainConfig = field(default_factory=lambda: TrainConfig(epochs=2, learning_rate=5e-5, alpha=1.0))
     """How the teacher is fine-tuned (alpha is always 1: labels only)."""
-
-
-@dataclass
-class ResourcesConfig:
-    workers: int = 1
-    """Ray Train workers per trial (data-parallel: DDP on GPU, gloo on CPU)."""
-    cpus_per_worker: float = 1.0
-    """CPUs reserved by each worker."""
-    gpus_per_worker: float = 0.0
-    """GPUs per worker; fractions let several small students share one GPU. 0 = CPU."""
+    resources: ResourcesConfig | None = None
+    """Ray Train resources of the teacher stage; unset: the top-level `resources`. (A one-off
+    teacher may take the whole machine, where trials share it.)"""
 
 
 @dataclass
@@ -324,8 +327,9 @@ def _build(cls: type, raw: Any, prefix: str, problems: list[str]) -> Any:
             problems.append(f"{prefix}{key}: unknown field.{hint}")
             continue
         tp = hints[key]
-        if dataclasses.is_dataclass(tp):
-            kwargs[key] = _build(tp, value, f"{prefix}{key}.", problems)
+        nested = _dataclass_of(tp)
+        if nested is not None and (value is not None or tp is nested):
+            kwargs[key] = _build(nested, value, f"{prefix}{key}.", problems)
             continue
         ok, converted = _coerce(value, tp)
         if not ok:
@@ -334,6 +338,16 @@ def _build(cls: type, raw: Any, prefix: str, problems: list[str]) -> Any:
         kwargs[key] = converted
     obj = cls(**kwargs)
     return obj
+
+
+def _dataclass_of(tp: Any) -> type | None:
+    """The dataclass in `tp` (`X` or `X | None`), else None."""
+    if dataclasses.is_dataclass(tp):
+        return tp
+    if typing.get_origin(tp) in (Union, types.UnionType):
+        found = [a for a in typing.get_args(tp) if dataclasses.is_dataclass(a)]
+        return found[0] if found else None
+    return None
 
 
 def _coerce(value: Any, tp: Any) -> tuple[bool, Any]:
@@ -433,13 +447,15 @@ def _check_values(cfg: RunConfig) -> list[str]:
                 p.append(f"{section}.keep_layers: {m.keep_layers} repeats a layer. Fix: list each layer once.")
     for section, t in (("train", cfg.train), ("teacher.train", cfg.teacher.train)):
         p += _check_train(section, t)
-    r = cfg.resources
-    if r.workers < 1:
-        p.append(f"resources.workers: {r.workers} must be at least 1.")
-    if r.cpus_per_worker <= 0:
-        p.append(f"resources.cpus_per_worker: {r.cpus_per_worker} must be above 0.")
-    if r.gpus_per_worker < 0:
-        p.append(f"resources.gpus_per_worker: {r.gpus_per_worker} must be 0 (CPU) or more.")
+    for section, r in (("resources", cfg.resources), ("teacher.resources", cfg.teacher.resources)):
+        if r is None:
+            continue
+        if r.workers < 1:
+            p.append(f"{section}.workers: {r.workers} must be at least 1.")
+        if r.cpus_per_worker <= 0:
+            p.append(f"{section}.cpus_per_worker: {r.cpus_per_worker} must be above 0.")
+        if r.gpus_per_worker < 0:
+            p.append(f"{section}.gpus_per_worker: {r.gpus_per_worker} must be 0 (CPU) or more.")
     if cfg.teacher.mode not in ("full", "lora"):
         p.append(f"teacher.mode: {cfg.teacher.mode!r} is unknown. Fix: use full or lora.")
     s = cfg.student

@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -31,6 +32,13 @@ from kdray import metrics as M
 from kdray.config import TrainableModelConfig, TrainConfig
 
 Report = Callable[[dict[str, Any], "str | None"], None]
+
+
+def say(message: str) -> None:
+    """Print one progress line. Not `print`: Ray Train patches it on workers and the line would
+    reach the driver twice (once through logging, once through the wrapped stdout)."""
+    sys.stdout.write(message + "\n")
+    sys.stdout.flush()
 
 
 # ----------------------------------------------------------------------------- the loss
@@ -402,7 +410,7 @@ def distill(job: DistillJob, data: DistillData, report: Report, *, rank: int = 0
     if resume_from is not None:
         start_epoch, history = load_checkpoint(Path(resume_from), model, optimizer, scheduler)
         if log and rank == 0:
-            print(f"resumed from {resume_from} after epoch {start_epoch}", flush=True)
+            say(f"resumed from {resume_from} after epoch {start_epoch}")
     lengths = data.train.lengths
     autocast = autocast_for(device)
     status = M.STATUS_COMPLETED
@@ -428,8 +436,8 @@ def distill(job: DistillJob, data: DistillData, report: Report, *, rank: int = 0
                 last_log = now
                 rate = step / (now - t0)
                 eta = (len(batches) - step) / rate
-                print(f"epoch {epoch + 1}/{cfg.epochs} step {step}/{len(batches)} loss {sums[0] / sums[3]:.4f} "
-                      f"| {rate * cfg.batch_size * world_size:.1f} samples/s | epoch eta {eta:.0f}s", flush=True)
+                say(f"epoch {epoch + 1}/{cfg.epochs} step {step}/{len(batches)} loss {sums[0] / sums[3]:.4f} "
+                    f"| {rate * cfg.batch_size * world_size:.1f} samples/s | epoch eta {eta:.0f}s")
         seconds = time.perf_counter() - t0
         sums = _all_reduce(sums.to(device), world_size).cpu()
         row: dict[str, Any] = {
@@ -442,16 +450,16 @@ def distill(job: DistillJob, data: DistillData, report: Report, *, rank: int = 0
             row.update({M.STATUS: status, M.VAL_ACCURACY: 0.0, M.VAL_F1: 0.0, M.VAL_LOSS: float("nan")})
             history.append(row)
             if log and rank == 0:
-                print(f"epoch {epoch + 1}: non-finite loss, stopping (status {status})", flush=True)
+                say(f"epoch {epoch + 1}: non-finite loss, stopping (status {status})")
             report(row, None)
             break
         row.update(evaluate(model, data.validation, job, device, rank, world_size))
         row[M.STATUS] = M.STATUS_RUNNING if epoch + 1 < cfg.epochs else M.STATUS_COMPLETED
         history.append(row)
         if log and rank == 0:
-            print(f"epoch {epoch + 1}/{cfg.epochs}: train loss {row[M.TRAIN_LOSS]:.4f}, val loss "
-                  f"{row[M.VAL_LOSS]:.4f}, val acc {row[M.VAL_ACCURACY]:.4f}, val f1 {row[M.VAL_F1]:.4f} "
-                  f"({seconds:.1f}s)", flush=True)
+            say(f"epoch {epoch + 1}/{cfg.epochs}: train loss {row[M.TRAIN_LOSS]:.4f}, val loss "
+                f"{row[M.VAL_LOSS]:.4f}, val acc {row[M.VAL_ACCURACY]:.4f}, val f1 {row[M.VAL_F1]:.4f} "
+                f"({seconds:.1f}s)")
         with tempfile.TemporaryDirectory(prefix="kdray-ckpt-") as tmp:
             if rank == 0:
                 save_checkpoint(Path(tmp), model, optimizer, scheduler, epoch + 1, history)

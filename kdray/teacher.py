@@ -98,7 +98,7 @@ def _train_on_ray(cfg: RunConfig, task: TaskData, tokenizer: Any, out: Path, sto
     init_ray()
     storage = storage_path or Path(tempfile.gettempdir()) / "kdray-train"
     result = fit(teacher_worker, {"job": job, "data": ray.put(data), "fine_tuned": cfg.teacher.fine_tuned},
-                 name=f"teacher-{key}", storage_path=storage, resources=cfg.resources)
+                 name=f"teacher-{key}", storage_path=storage, resources=cfg.teacher.resources or cfg.resources)
     with result.checkpoint.as_directory() as d:
         for name in (MODEL_DIR, LOGITS_FILE, RECORD_FILE):
             src = Path(d) / name
@@ -158,6 +158,8 @@ def teacher_worker(config: dict) -> None:
 
 
 def _progress(what: str):
+    from kdray.distill import say
+
     start = time.perf_counter()
     last = [0.0]
 
@@ -167,8 +169,8 @@ def _progress(what: str):
             return
         last[0] = now
         rate = done / max(now - start, 1e-9)
-        print(f"{what}: {done}/{total} ({100 * done / total:.0f}%), {rate:.0f} examples/s, "
-              f"eta {(total - done) / max(rate, 1e-9):.0f}s", flush=True)
+        say(f"{what}: {done}/{total} ({100 * done / total:.0f}%), {rate:.0f} examples/s, "
+            f"eta {(total - done) / max(rate, 1e-9):.0f}s")
 
     return show
 
