@@ -23,7 +23,7 @@ def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
 
     if ray.is_initialized():
         return
-    forwarded = ("WANDB_MODE", "WANDB_API_KEY", "KDRAY_CACHE", "HF_HOME", "TRANSFORMERS_VERBOSITY")
+    forwarded = ("WANDB_MODE", "WANDB_API_KEY", "WANDB_SILENT", "KDRAY_CACHE", "HF_HOME", "TRANSFORMERS_VERBOSITY")
     env = {k: os.environ[k] for k in forwarded if k in os.environ}
     runtime_env = {"env_vars": env} if env else None
     address = address or os.environ.get("RAY_ADDRESS")
@@ -45,16 +45,18 @@ def scaling(resources: ResourcesConfig) -> Any:
 
 
 def fit(loop: Callable[[dict], None], config: dict, *, name: str, storage_path: str | os.PathLike,
-        resources: ResourcesConfig, max_failures: int = 0, callbacks: list | None = None) -> Any:
+        resources: ResourcesConfig, max_failures: int = 0, callbacks: list | None = None,
+        resume: bool = False) -> Any:
     """Run `loop(config)` on Ray Train workers; return the Train `Result` (raises on failure).
 
-    `name` gets a unique suffix: Ray Train resumes any earlier run under the same
-    (storage_path, name), even a finished one, which a fresh fit must never do.
+    Ray Train resumes any earlier run under the same (storage_path, name), even a finished one.
+    So `name` gets a unique suffix unless `resume`: a search trial keeps its name, and a trial
+    restarted after its driver was killed continues from its last epoch checkpoint.
     """
     from ray.train import CheckpointConfig, FailureConfig, RunConfig
     from ray.train.torch import TorchTrainer
 
-    run_name = f"{name}-{uuid.uuid4().hex[:8]}"
+    run_name = name if resume else f"{name}-{uuid.uuid4().hex[:8]}"
     trainer = TorchTrainer(
         loop,
         train_loop_config=config,

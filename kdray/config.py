@@ -177,10 +177,43 @@ class TeacherConfig(TrainableModelConfig):
 
 @dataclass
 class SpaceConfig:
-    target_modules: list[list[str]] = field(default_factory=lambda: [["q", "v"], ["q", "k", "v", "o"]])
-    """Target-module sets the search chooses from."""
+    """What the search samples. Ranges are [low, high]; lists of choices are categorical."""
+
+    alpha: list[float] = field(default_factory=lambda: [0.1, 0.9])
+    """KD weight range (alpha weighs the hard-label loss; 1 - alpha the teacher)."""
+    temperature: list[float] = field(default_factory=lambda: [1.0, 8.0])
+    """Softmax temperature range of the KD term (sampled on a log scale)."""
+    learning_rate: list[float] = field(default_factory=lambda: [1e-4, 3e-3])
+    """Learning-rate range (log scale)."""
     lora_r: list[int] = field(default_factory=lambda: [4, 8, 16])
-    """LoRA ranks the search chooses from."""
+    """LoRA ranks to choose from."""
+    lora_alpha: list[float] = field(default_factory=lambda: [8.0, 16.0, 32.0])
+    """LoRA alpha values to choose from (the update is scaled by alpha / r)."""
+    lora_dropout: list[float] = field(default_factory=lambda: [0.0, 0.2])
+    """LoRA dropout range."""
+    target_modules: list[list[str]] = field(default_factory=lambda: [["q", "v"], ["q", "k", "v", "o"]])
+    """Target-module sets to choose from (aliases q, k, v, o, ffn_in, ffn_out)."""
+    layers: str = "subset"
+    """`subset`: each student layer is in or out of LoRA (a subset, not only a count);
+    `all`: every layer gets LoRA."""
+    epochs: list[int] = field(default_factory=lambda: [3])
+    """Epoch counts to choose from (ASHA may stop a trial earlier)."""
+
+
+@dataclass
+class SearchConfig:
+    trials: int = 8
+    """Configurations that train (rejected, over-budget ones are not counted)."""
+    concurrency: int = 2
+    """Trials running at once."""
+    grace_period: int = 1
+    """ASHA: epochs every trial gets before it can be stopped."""
+    reduction_factor: int = 2
+    """ASHA: keep the top 1/reduction_factor at each rung."""
+    max_failures: int = 1
+    """Retries of a failed trial (from its last checkpoint) before it counts as failed."""
+    max_rejections: int = 200
+    """Over-budget samples tolerated in a row before the search gives up on the space."""
 
 
 @dataclass
@@ -198,6 +231,7 @@ class RunConfig:
     """How each student trains (the search overrides the knobs it samples)."""
     resources: ResourcesConfig = field(default_factory=ResourcesConfig)
     space: SpaceConfig = field(default_factory=SpaceConfig)
+    search: SearchConfig = field(default_factory=SearchConfig)
     cache_dir: str | None = None
     """Cache of tokenized data, teachers and logits; unset: `$KDRAY_CACHE` or `~/.cache/kdray`."""
     source_file: str | None = None
@@ -471,6 +505,30 @@ def _check_values(cfg: RunConfig) -> list[str]:
         p.append("student.lora.layers: empty. Fix: list layers, or unset it for all layers.")
     if cfg.budget is not None and cfg.budget < 1:
         p.append(f"budget: {cfg.budget} trainable parameters is not a budget. Fix: e.g. --budget 1e6.")
+    sp = cfg.space
+    for attr in ("alpha", "temperature", "learning_rate", "lora_dropout"):
+        v = getattr(sp, attr)
+        if len(v) != 2 or v[0] > v[1]:
+            p.append(f"space.{attr}: {v} must be a range [low, high] with low <= high.")
+    if len(sp.alpha) == 2 and not (0 <= sp.alpha[0] and sp.alpha[1] <= 1):
+        p.append(f"space.alpha: {sp.alpha} must lie in [0, 1].")
+    if len(sp.temperature) == 2 and sp.temperature[0] <= 0:
+        p.append(f"space.temperature: {sp.temperature} must be above 0.")
+    if len(sp.learning_rate) == 2 and sp.learning_rate[0] <= 0:
+        p.append(f"space.learning_rate: {sp.learning_rate} must be above 0.")
+    for attr in ("lora_r", "lora_alpha", "target_modules", "epochs"):
+        if not getattr(sp, attr):
+            p.append(f"space.{attr}: needs at least one choice.")
+    if any(e < 1 for e in sp.epochs):
+        p.append(f"space.epochs: {sp.epochs}: every choice must be at least 1.")
+    if sp.layers not in ("subset", "all"):
+        p.append(f"space.layers: {sp.layers!r} is unknown. Fix: subset or all.")
+    se = cfg.search
+    for attr in ("trials", "concurrency", "grace_period", "max_rejections"):
+        if getattr(se, attr) < 1:
+            p.append(f"search.{attr}: {getattr(se, attr)} must be at least 1.")
+    if se.reduction_factor < 2:
+        p.append(f"search.reduction_factor: {se.reduction_factor} must be at least 2.")
     if any(not ms for ms in cfg.space.target_modules):
         p.append("space.target_modules: every choice needs at least one module.")
     if any(r < 1 for r in cfg.space.lora_r):

@@ -40,11 +40,11 @@ def fpb_dir() -> Path:
 
 @pytest.fixture(scope="session")
 def ray_cluster():
-    """One real local Ray cluster for the session (4 logical CPUs on 2 cores: RAY_NOTES.md)."""
+    """One real local Ray cluster for the session, as big as the CI machine: 2 CPUs."""
     import ray
 
     from kdray.cluster import init_ray
 
-    init_ray(num_cpus=4)
+    init_ray(num_cpus=2)
     yield ray
     ray.shutdown()

@@ -1,0 +1,116 @@
+"""The search: budget-constrained Tune + Optuna + ASHA on 2 CPUs, wandb offline, kill and resume."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import optuna
+import pyarrow.parquet as pq
+import pytest
+import yaml
+
+from kdray import metrics as M
+from kdray.config import load_config
+from kdray.search import BudgetedSpace, REJECTED_ATTR, lora_choice
+from tests.conftest import ROOT
+from tests.wandb_log import run_config
+
+SEARCHED = ["alpha", "temperature", "learning_rate", "lora_r", "lora_alpha", "lora_dropout", "target_modules", "epochs"]
+
+
+def run_cli(*args: str, **kw) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "kdray.search", *args], capture_output=True, text=True, cwd=ROOT, **kw)
+
+
+def test_budget_below_the_head_exits_2_before_ray(tmp_path):
+    r = run_cli("--space", "smoke", "--budget", "50", "--output-dir", str(tmp_path))
+    assert r.returncode == 2, r.stdout + r.stderr
+    assert "below the smallest feasible student of this space (" in r.stderr and "--budget" in r.stderr
+    assert "Traceback" not in r.stderr and "Ray" not in r.stdout + r.stderr
+    assert list(tmp_path.iterdir()) == []  # nothing half-written
+
+
+def test_space_counts_every_sample_and_rejects_over_budget_ones():
+    cfg = load_config("smoke")
+    space = BudgetedSpace(cfg.space, cfg.student, 2, budget=1_500, n_layers=2)
+    study = optuna.create_study(direction="maximize", sampler=optuna.samplers.RandomSampler(seed=0))
+    verdicts = []
+    for _ in range(40):
+        trial = study.ask()
+        out = space(trial)
+        choice = lora_choice(trial.params, 2)
+        verdicts.append(out["feasible"])
+        assert out["feasible"] == (bool(choice.layers) and out[M.TRAINABLE_PARAMS] <= 1_500)
+        assert bool(trial.user_attrs.get(REJECTED_ATTR)) == (not out["feasible"])
+        study.tell(trial, 0.5 if out["feasible"] else 0.0)
+    assert any(verdicts) and not all(verdicts)
+
+
+def test_smoke_search_with_concurrency_two_on_two_cpus(ray_cluster, tmp_path):
+    """6 trials, 2 at a time on the 2-CPU cluster; a wide learning-rate range makes some trials
+    fall behind at the first rung, so ASHA stops them."""
+    from kdray.search import main
+
+    assert ray_cluster.cluster_resources()["CPU"] == 2
+    main(["--space", "smoke", "--trials", "6", "--output-dir", str(tmp_path), "--wandb", "offline",
+          "--set", "space.learning_rate=[0.01, 0.3]", "--set", "search.concurrency=2"])
+    run = tmp_path / "smoke"
+    rows = pq.read_table(run / "search" / "trials.parquet").to_pylist()
+    assert len(rows) == 6
+    budget = load_config("smoke").budget
+    for row in rows:
+        assert row["status"] in ("completed", "stopped early")
+        assert row["reported_trainable_params"] == row[M.TRAINABLE_PARAMS] <= budget  # the worker's real model
+        assert len(row["val_accuracy_per_epoch"]) == row["epochs_run"] >= 1
+    assert any(r["status"] == "stopped early" for r in rows), rows
+    best = yaml.safe_load((run / "best_config.yaml").read_text())
+    assert best["best_val_accuracy"] == max(r["best_val_accuracy"] for r in rows)
+    study = optuna.load_study(study_name="smoke", storage=f"sqlite:///{run / 'search' / 'optuna.db'}")
+    assert sum(t.state == optuna.trial.TrialState.COMPLETE for t in study.trials) >= 6
+
+    # wandb offline: one run directory per trial, the searched knobs and trainable_params in its config.
+    runs = sorted((run / "wandb").glob("offline-run-*"))
+    assert len(runs) == 6
+    by_trial = {row["trial_id"]: row for row in rows}
+    for d in runs:
+        values = run_config(d)
+        for knob in SEARCHED + [M.TRAINABLE_PARAMS, "layer_0", "layer_1"]:
+            assert knob in values, (d, knob)
+        row = by_trial[d.name.rsplit("-", 1)[1]]  # offline-run-<time>-<trial id>
+        assert values[M.TRAINABLE_PARAMS] == row[M.TRAINABLE_PARAMS] and values["alpha"] == row["alpha"]
+
+
+def test_kill_after_first_completed_trial_then_resume(ray_cluster, tmp_path):
+    address = ray_cluster.get_runtime_context().gcs_address
+    args = ["--space", "smoke", "--trials", "3", "--output-dir", str(tmp_path), "--wandb", "disabled",
+            "--address", address, "--set", "search.concurrency=1", "--set", "space.epochs=[2]"]
+    proc = subprocess.Popen([sys.executable, "-m", "kdray.search", *args], cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    deadline = time.time() + 300
+    lines = []
+    for line in proc.stdout:
+        lines.append(line)
+        if line.rstrip().endswith("completed") or time.time() > deadline:
+            break
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert any(l.rstrip().endswith("completed") for l in lines), "".join(lines[-30:])
+    done_before = {l.split()[0] for l in lines if l.rstrip().endswith("completed")}
+
+    r = run_cli(*args, "--resume", timeout=600)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    rows = pq.read_table(tmp_path / "smoke" / "search" / "trials.parquet").to_pylist()
+    assert len(rows) == 3
+    assert len({r["trial_id"] for r in rows}) == 3
+    for trial_id in done_before:
+        assert [r["status"] for r in rows if r["trial_id"] == trial_id] == ["completed"]
+        # Not re-run: Tune logged its 2 epochs once, and its Train run holds one checkpoint per epoch.
+        (trial_dir,) = [p for p in (tmp_path / "smoke" / "search").iterdir() if f"_{trial_id}_" in p.name]
+        assert len((trial_dir / "result.json").read_text().splitlines()) == 2
+        train_run = tmp_path / "smoke" / "train" / f"trial-{trial_id}"
+        assert len([p for p in train_run.glob("checkpoint_*") if p.is_dir()]) == 2
