@@ -20,11 +20,42 @@ def test_spaces_are_shipped_in_the_package_and_at_the_repo_root():
     assert sorted(p.stem for p in (ROOT / "search_spaces").glob("*.yaml")) == SHIPPED
 
 
+#: The hub models the shipped spaces name, as their configs (no network here): the architecture
+#: is all the budget count needs.
+HUB_CONFIGS = {
+    "bert-base-uncased": lambda: __import__("transformers").BertConfig(),
+    "distilbert-base-uncased": lambda: __import__("transformers").DistilBertConfig(),
+    "roberta-base": lambda: __import__("transformers").RobertaConfig(vocab_size=50265, max_position_embeddings=514,
+                                                                      type_vocab_size=1),
+}
+
+
 @pytest.mark.parametrize("name", SHIPPED)
-def test_every_shipped_space_loads_and_its_student_fits(name):
+def test_every_shipped_space_loads_and_samples_within_budget(name, tmp_path):
+    import optuna
+
+    from kdray.models import build_model, encoder_layers
+    from kdray.search import BudgetedSpace
+
     cfg = load_config(name)
+    for spec in (cfg.teacher, cfg.student):
+        if spec.name in HUB_CONFIGS:
+            HUB_CONFIGS[spec.name]().save_pretrained(tmp_path / spec.name)
+            spec.name = str(tmp_path / spec.name)
     k = len(cfg.data.label_names) if cfg.data.label_names else 2
-    assert cfg.budget is None or count(cfg.student, k) <= cfg.budget
+    assert count(cfg.student, k) <= cfg.budget
+    n_layers = len(encoder_layers(build_model(cfg.student, k, device="meta"))[1])
+    space = BudgetedSpace(cfg.space, cfg.student, k, cfg.budget, n_layers)
+    study = optuna.create_study(direction="maximize", sampler=optuna.samplers.RandomSampler(seed=0))
+    feasible = 0
+    for _ in range(12):
+        trial = study.ask()
+        out = space(trial)
+        if out["feasible"]:
+            feasible += 1
+            assert 0 < out["trainable_params"] <= cfg.budget
+        study.tell(trial, 0.0)
+    assert feasible > 0
 
 
 def test_overrides_apply_with_yaml_types():
