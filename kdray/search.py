@@ -13,14 +13,14 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import os
-import sys
 import time
 from pathlib import Path
 from typing import Any
 
+import optuna
 import yaml
+from ray.tune.search.optuna import OptunaSearch
 
 from kdray import metrics as M
 from kdray.budget import count, head_cost, rank_limit, require_feasible
@@ -29,8 +29,6 @@ from kdray.errors import UserError, run_cli
 
 METRIC, MODE = M.VAL_ACCURACY, "max"
 REJECTED_ATTR = "kdray_rejected"
-SEARCHED = ("alpha", "temperature", "learning_rate", "lora_r", "lora_alpha", "lora_dropout", "target_modules",
-            "layers", "epochs")
 
 
 # ----------------------------------------------------------------------------- the space
@@ -84,49 +82,31 @@ def lora_choice(params: dict[str, Any], n_layers: int) -> LoraChoice:
                       target_modules=str(params["target_modules"]).split(","), layers=layers)
 
 
-def _budgeted_optuna_search() -> type:
-    from ray.tune.search.optuna import OptunaSearch
+class BudgetedOptunaSearch(OptunaSearch):
+    """OptunaSearch that never hands Tune an over-budget configuration.
 
-    class BudgetedOptunaSearch(OptunaSearch):
-        """OptunaSearch that never hands Tune an over-budget configuration.
+    An infeasible sample is told to the study at once (worst value; its constraint is already
+    set, so TPE learns the region is infeasible) and replaced by a new one.
+    """
 
-        An infeasible sample is told to the study at once (worst value; its constraint is
-        already set, so TPE learns the region is infeasible) and replaced by a new one.
-        """
+    max_rejections = 200
 
-        max_rejections = 200
+    def suggest(self, trial_id: str) -> dict | None:
+        for _ in range(self.max_rejections):
+            config = super().suggest(trial_id)
+            if config is None or config.get("feasible", True):
+                return config
+            self._ot_study.tell(self._ot_trials.pop(trial_id), 0.0)
+        raise RuntimeError(f"{self.max_rejections} samples in a row were over the budget: narrow the "
+                           f"space (smaller ranks, fewer modules or layers).")
 
-        def suggest(self, trial_id: str) -> dict | None:
-            for _ in range(self.max_rejections):
-                config = super().suggest(trial_id)
-                if config is None or config.get("feasible", True):
-                    return config
-                self._ot_study.tell(self._ot_trials.pop(trial_id), 0.0)
-            raise RuntimeError(f"{self.max_rejections} samples in a row were over the budget: narrow the "
-                               f"space (smaller ranks, fewer modules or layers).")
-
-        def on_trial_result(self, trial_id: str, result: dict) -> None:
-            import optuna
-
-            try:
-                super().on_trial_result(trial_id, result)
-            except optuna.exceptions.UpdateFinishedTrialError:
-                # After --resume the study (SQLite) can be ahead of Tune's last snapshot: a
-                # trial it already closed reports again. The study keeps its first verdict.
-                pass
-
-    BudgetedOptunaSearch.__module__ = __name__
-    BudgetedOptunaSearch.__qualname__ = "BudgetedOptunaSearch"
-    return BudgetedOptunaSearch
-
-
-def __getattr__(name: str) -> Any:
-    # Defined on first use, so `import kdray.search` stays cheap; module-level for pickling.
-    if name == "BudgetedOptunaSearch":
-        cls = _budgeted_optuna_search()
-        globals()[name] = cls
-        return cls
-    raise AttributeError(name)
+    def on_trial_result(self, trial_id: str, result: dict) -> None:
+        try:
+            super().on_trial_result(trial_id, result)
+        except optuna.exceptions.UpdateFinishedTrialError:
+            # After --resume the study (SQLite) can be ahead of Tune's last snapshot: a trial it
+            # already closed reports again. The study keeps its first verdict.
+            pass
 
 
 def make_searcher(cfg: RunConfig, space: BudgetedSpace, storage_url: str | None) -> Any:
@@ -136,15 +116,13 @@ def make_searcher(cfg: RunConfig, space: BudgetedSpace, storage_url: str | None)
     sampler = TPESampler(seed=cfg.seed, multivariate=True, group=True, constant_liar=True,
                          n_startup_trials=max(4, cfg.search.concurrency))
     kwargs = {"storage": _optuna_storage(storage_url)} if storage_url else {}
-    cls = __getattr__("BudgetedOptunaSearch") if "BudgetedOptunaSearch" not in globals() else globals()["BudgetedOptunaSearch"]
-    searcher = cls(space=space, metric=METRIC, mode=MODE, sampler=sampler, study_name=cfg.name, **kwargs)
+    searcher = BudgetedOptunaSearch(space=space, metric=METRIC, mode=MODE, sampler=sampler, study_name=cfg.name,
+                                    **kwargs)
     searcher.max_rejections = cfg.search.max_rejections
     return searcher
 
 
 def _optuna_storage(url: str) -> Any:
-    import optuna
-
     return optuna.storages.RDBStorage(url, engine_kwargs={"connect_args": {"timeout": 30}})
 
 
@@ -219,30 +197,27 @@ def trial_rows(results: Any, budget: int, n_layers: int) -> list[dict[str, Any]]
     """One row per trial: config, params, per-epoch val metrics, epochs run, status, wall time, node."""
     rows = []
     for r in results:
-        c = dict(r.config)
+        c, last = dict(r.config), r.metrics or {}
         df = r.metrics_dataframe
-        history = df[[col for col in (M.EPOCHS_DONE, M.VAL_ACCURACY, M.VAL_F1, M.VAL_LOSS) if col in df]] if df is not None else None
-        epochs_run = int(history[M.EPOCHS_DONE].max()) if history is not None and M.EPOCHS_DONE in history and len(history) else 0
+        per_epoch = df.dropna(subset=[METRIC]) if df is not None and METRIC in df else None
+        accuracy = [float(x) for x in per_epoch[METRIC]] if per_epoch is not None else []
+        f1 = [float(x) for x in per_epoch[M.VAL_F1]] if per_epoch is not None else []
+        epochs_run = int(per_epoch[M.EPOCHS_DONE].max()) if accuracy else 0
         if r.error is not None:
             status = "failed"
-        elif epochs_run >= int(c["epochs"]):
-            status = "completed"
         else:
-            status = "stopped early"
-        last = r.metrics or {}
+            status = "completed" if epochs_run >= int(c["epochs"]) else "stopped early"
         layers = lora_choice(c, n_layers).layers
         rows.append({
             "trial_id": last.get("trial_id"),
-            "alpha": float(c["alpha"]), "temperature": float(c["temperature"]),
-            "learning_rate": float(c["learning_rate"]), "lora_r": int(c["lora_r"]),
-            "lora_alpha": float(c["lora_alpha"]), "lora_dropout": float(c["lora_dropout"]),
-            "target_modules": c["target_modules"], "layers": "all" if layers is None else ",".join(map(str, layers)),
-            "epochs": int(c["epochs"]), M.TRAINABLE_PARAMS: int(c[M.TRAINABLE_PARAMS]),
+            **{k: float(c[k]) for k in ("alpha", "temperature", "learning_rate", "lora_alpha", "lora_dropout")},
+            "lora_r": int(c["lora_r"]), "target_modules": c["target_modules"],
+            "layers": "all" if layers is None else ",".join(map(str, layers)), "epochs": int(c["epochs"]),
+            M.TRAINABLE_PARAMS: int(c[M.TRAINABLE_PARAMS]),
             "reported_trainable_params": int(last.get(M.TRAINABLE_PARAMS, -1)),
             "within_budget": int(c[M.TRAINABLE_PARAMS]) <= budget,
-            "val_accuracy_per_epoch": [float(x) for x in history[M.VAL_ACCURACY]] if history is not None and M.VAL_ACCURACY in history else [],
-            "val_f1_macro_per_epoch": [float(x) for x in history[M.VAL_F1]] if history is not None and M.VAL_F1 in history else [],
-            "best_val_accuracy": float(history[M.VAL_ACCURACY].max()) if history is not None and M.VAL_ACCURACY in history and len(history) else None,
+            "val_accuracy_per_epoch": accuracy, "val_f1_macro_per_epoch": f1,
+            "best_val_accuracy": max(accuracy) if accuracy else None,
             "epochs_run": epochs_run, "status": status,
             "wall_time_s": float(last.get("time_total_s", float("nan"))),
             "node": last.get("node_ip") or last.get("hostname"),
@@ -279,8 +254,6 @@ def best_config(rows: list[dict], cfg: RunConfig) -> dict | None:
 
 
 def count_rejected(storage_url: str, study_name: str) -> int:
-    import optuna
-
     study = optuna.load_study(study_name=study_name, storage=_optuna_storage(storage_url))
     return sum(1 for t in study.get_trials(deepcopy=False) if t.user_attrs.get(REJECTED_ATTR))
 
@@ -340,7 +313,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--address", help="Ray cluster to join (default: $RAY_ADDRESS, else start one locally)")
     ap.add_argument("--wandb", choices=["online", "offline", "disabled"],
                     help="wandb mode (default: online with WANDB_API_KEY set, else offline)")
-    ap.add_argument("--no-final", action="store_true", help="stop after the search (skip the final stage)")
+    ap.add_argument("--no-final", action="store_true",
+                    help="stop after the search (the final stage is not built yet: the search always stops there)")
     args = ap.parse_args(argv)
     overrides = list(args.overrides)
     if args.trials is not None:
@@ -370,8 +344,6 @@ def main(argv: list[str] | None = None) -> int:
     require_feasible(cfg, num_labels)  # exit 2 before Ray starts
     n_layers = len(encoder_layers(build_model(cfg.student, num_labels, device="meta"))[1])
     describe(cfg, num_labels, n_layers)
-    if args.no_final:
-        pass  # the final stage (issue 5) is not part of this command yet
     t0 = time.perf_counter()
     result = run_search(cfg, run_dir, resume=args.resume, address=args.address, wandb_mode=wandb_mode,
                         num_labels=num_labels, n_layers=n_layers)

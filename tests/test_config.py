@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from kdray.budget import count, num_labels_of
+from kdray.budget import count
 from kdray.config import SPACES_DIR, load_config
 from kdray.errors import UserError
 from tests.conftest import ROOT

@@ -7,11 +7,9 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import optuna
 import pyarrow.parquet as pq
-import pytest
 import yaml
 
 from kdray import metrics as M

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import pyarrow.parquet as pq
-import pytest
 
 from kdray import metrics as M
 from kdray.config import load_config
