@@ -86,7 +86,7 @@ def bench_step(args: argparse.Namespace) -> dict:
     plain = make_batches(lengths, args.batch_size, shuffle=True, seed=0, epoch=0, group_by_length=False)
     return {
         "benchmark": "step",
-        "settings": {"space": cfg.source_file, "teacher": teacher_spec.name or "inline config",
+        "settings": {"space": Path(cfg.source_file).stem, "teacher": teacher_spec.name or "inline config",
                      "student": cfg.student.name or "inline config", "student_keep_layers": cfg.student.keep_layers,
                      "student_mode": cfg.student.mode, "lora_r": cfg.student.lora.r,
                      "student_trainable_params": count_trainable(student), "batch_size": args.batch_size,
@@ -116,11 +116,12 @@ def print_step(r: dict) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from kdray.config import add_space_arguments
+
     ap = argparse.ArgumentParser(prog="python -m kdray.bench", description="kdray benchmarks: print numbers, write JSON.")
     sub = ap.add_subparsers(dest="which", required=True)
     st = sub.add_parser("step", help="cached-logits vs online-teacher KD step (samples/s), padding efficiency")
-    st.add_argument("--space", default="default", help="search space for data and student (default: default)")
-    st.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    add_space_arguments(st, "data.max_length=128")
     st.add_argument("--teacher", default=None, help="teacher model (default: the space's teacher)")
     st.add_argument("--steps", type=int, default=20, help="timed steps per mode (default 20)")
     st.add_argument("--warmup", type=int, default=3, help="untimed steps first (default 3)")

@@ -13,7 +13,7 @@ import argparse
 import dataclasses
 from dataclasses import dataclass
 
-from kdray.config import LoraChoice, RunConfig, StudentConfig, load_config
+from kdray.config import LoraChoice, RunConfig, StudentConfig, add_space_arguments, load_config
 from kdray.errors import UserError, run_cli
 from kdray.models import build_student, count_trainable
 
@@ -96,9 +96,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m kdray.budget", description=(
         "Print the exact trainable-parameter count of the configured student and the largest LoRA "
         "rank that fits the budget for each target-module set of the space."))
-    ap.add_argument("--space", help="search-space YAML, or a shipped space's name (default: default)")
-    ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                    help="override a config field, e.g. --set student.lora.r=16 (repeatable)")
+    add_space_arguments(ap, "student.lora.r=16")
     ap.add_argument("--budget", type=float, help="trainable-parameter budget (counts parameters, e.g. 1e6)")
     args = ap.parse_args(argv)
     cfg = load_config(args.space, args.overrides, budget=args.budget)

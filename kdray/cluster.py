@@ -34,6 +34,17 @@ def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
                  runtime_env=runtime_env, log_to_driver=True)
 
 
+def add_cluster_arguments(parser: Any, workers: bool = True) -> None:
+    """`--address` (and `--workers`) for every command that runs on Ray."""
+    parser.add_argument("--address", help="Ray cluster to join (default: $RAY_ADDRESS, else start one locally)")
+    if workers:
+        parser.add_argument("--workers", type=int, help="Ray Train workers (overrides resources.workers)")
+
+
+def worker_overrides(args: Any) -> list[str]:
+    return [f"resources.workers={args.workers}"] if getattr(args, "workers", None) is not None else []
+
+
 def scaling(resources: ResourcesConfig) -> Any:
     from ray.train import ScalingConfig
 

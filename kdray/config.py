@@ -247,6 +247,13 @@ class RunConfig:
 # ----------------------------------------------------------------------------- loading
 
 
+def add_space_arguments(parser: Any, set_example: str) -> None:
+    """`--space` and `--set`, the same for every command that reads a search space."""
+    parser.add_argument("--space", help="search-space YAML, or a shipped space's name (default: default)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help=f"override a config field, e.g. --set {set_example} (repeatable)")
+
+
 def resolve_space_path(space: str | os.PathLike | None) -> Path:
     """A path to a YAML file, or the name of a shipped space (`smoke`, `default`, ...)."""
     if space is None:

@@ -503,21 +503,18 @@ def distill_inputs(cfg: Any, task: Any, teacher: Any, train: TrainConfig | None 
 def main(argv: list[str] | None = None) -> int:
     import argparse
 
-    from kdray.config import load_config
+    from kdray.cluster import add_cluster_arguments, worker_overrides
+    from kdray.config import add_space_arguments, load_config
     from kdray.data import load_data
 
     ap = argparse.ArgumentParser(prog="python -m kdray.distill", description=(
         "Run one distillation (one trial) of a search space's student on Ray Train and print its "
         "per-epoch metrics. The teacher stage runs first (cached)."))
-    ap.add_argument("--space", help="search-space YAML, or a shipped space's name (default: default)")
-    ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                    help="override a config field, e.g. --set train.alpha=0.3 (repeatable)")
-    ap.add_argument("--workers", type=int, help="Ray Train workers (overrides resources.workers)")
-    ap.add_argument("--address", help="Ray cluster to join (default: $RAY_ADDRESS, else start one locally)")
+    add_space_arguments(ap, "train.alpha=0.3")
+    add_cluster_arguments(ap)
     ap.add_argument("--output-dir", default="runs", help="where runs/<name>/ goes (default: ./runs)")
     args = ap.parse_args(argv)
-    overrides = args.overrides + ([f"resources.workers={args.workers}"] if args.workers is not None else [])
-    cfg = load_config(args.space, overrides)
+    cfg = load_config(args.space, args.overrides + worker_overrides(args))
     from kdray.budget import count
 
     task = load_data(cfg.data)

@@ -24,7 +24,8 @@ from ray.tune.search.optuna import OptunaSearch
 
 from kdray import metrics as M
 from kdray.budget import count, head_cost, rank_limit, require_feasible
-from kdray.config import LoraChoice, RunConfig, SpaceConfig, StudentConfig, load_config, to_dict
+from kdray.cluster import add_cluster_arguments
+from kdray.config import LoraChoice, RunConfig, SpaceConfig, StudentConfig, add_space_arguments, load_config, to_dict
 from kdray.errors import UserError, run_cli
 
 METRIC, MODE = M.VAL_ACCURACY, "max"
@@ -303,14 +304,12 @@ def main(argv: list[str] | None = None) -> int:
         "Optuna (TPE) + ASHA, each trial a Ray Train distillation. Over-budget configurations never train."))
     ap.add_argument("--budget", type=float, help="trainable-parameter budget of the student, counted in parameters "
                     "(head included), e.g. 1e6; default: the space's `budget`")
-    ap.add_argument("--space", help="search-space YAML, or a shipped space's name (default: default)")
-    ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                    help="override a config field, e.g. --set search.concurrency=1 (repeatable)")
+    add_space_arguments(ap, "search.concurrency=1")
     ap.add_argument("--trials", type=int, help="number of trials that train (overrides search.trials)")
     ap.add_argument("--name", help="run name: the directory <output-dir>/<name>/ and the wandb group")
     ap.add_argument("--output-dir", default="runs", help="parent of the run directory (default: ./runs)")
     ap.add_argument("--resume", action="store_true", help="continue the killed search of this run name")
-    ap.add_argument("--address", help="Ray cluster to join (default: $RAY_ADDRESS, else start one locally)")
+    add_cluster_arguments(ap, workers=False)
     ap.add_argument("--wandb", choices=["online", "offline", "disabled"],
                     help="wandb mode (default: online with WANDB_API_KEY set, else offline)")
     ap.add_argument("--no-final", action="store_true",

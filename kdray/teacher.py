@@ -26,7 +26,8 @@ import numpy as np
 
 from kdray import metrics as M
 from kdray.cache import cache_root, cached_dir, fingerprint
-from kdray.config import RunConfig, load_config, to_dict
+from kdray.cluster import add_cluster_arguments, worker_overrides
+from kdray.config import RunConfig, add_space_arguments, load_config, to_dict
 from kdray.data import TaskData, tokenizer_identity, load_data, tokenize
 from kdray.errors import run_cli
 
@@ -179,14 +180,10 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m kdray.teacher", description=(
         "Fine-tune the teacher of a search space on Ray Train (or find it in the cache), evaluate it "
         "on validation and compute its logits on train and validation once."))
-    ap.add_argument("--space", help="search-space YAML, or a shipped space's name (default: default)")
-    ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                    help="override a config field, e.g. --set teacher.train.epochs=1 (repeatable)")
-    ap.add_argument("--workers", type=int, help="Ray Train workers (overrides resources.workers)")
-    ap.add_argument("--address", help="Ray cluster to join (default: $RAY_ADDRESS, else start one locally)")
+    add_space_arguments(ap, "teacher.train.epochs=1")
+    add_cluster_arguments(ap)
     args = ap.parse_args(argv)
-    overrides = args.overrides + ([f"resources.workers={args.workers}"] if args.workers is not None else [])
-    cfg = load_config(args.space, overrides)
+    cfg = load_config(args.space, args.overrides + worker_overrides(args))
     t0 = time.perf_counter()
     task = load_data(cfg.data)
     print(f"data: {task.description}")
