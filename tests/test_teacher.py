@@ -40,3 +40,26 @@ def test_teacher_is_cached_and_invalidated_by_data_or_teacher_changes(ray_cluste
     fourth = prepare_teacher(taken_as_is, task, storage_path=tmp_path / "train", log=False)
     assert not fourth.cache_hit and fourth.path not in (first.path, third.path)
     assert fourth.record["epochs"] == 0  # an already fine-tuned teacher is evaluated, not trained
+
+
+def test_lora_teacher_is_saved_merged_and_reloads_with_the_same_logits(tmp_path):
+    """Seed 004's LoRA teacher: the stage merges the adapters before saving a plain HF model."""
+    import torch
+
+    from kdray.models import build_student, from_pretrained_dir
+
+    cfg = load_config("smoke", ["teacher.mode=lora", "teacher.lora.r=4"])
+    teacher = build_student(cfg.teacher, 2, seed=1).eval()
+    for name, p in teacher.named_parameters():  # make the adapters non-zero, as after training
+        if "lora_B" in name:
+            torch.nn.init.normal_(p, std=0.5)
+    ids = torch.tensor([[101, 2023, 3185, 2001, 2307, 102]])
+    with torch.no_grad():
+        before = teacher(input_ids=ids).logits
+    merged = teacher.merge_and_unload()
+    merged.save_pretrained(tmp_path / "model")
+    reloaded = from_pretrained_dir(tmp_path / "model")
+    assert not any("lora" in n for n, _ in reloaded.named_parameters())
+    with torch.no_grad():
+        after = reloaded(input_ids=ids).logits
+    assert torch.allclose(before, after, atol=1e-5)
