@@ -336,16 +336,17 @@ def main(argv: list[str] | None = None) -> int:
     if not args.resume and search_dir.exists():
         raise UserError(f"{search_dir} already holds a search. Fix: --resume to continue it, or --name NEW.")
 
-    from kdray.budget import num_labels_of
+    from kdray.data import load_data
     from kdray.models import build_model, encoder_layers
 
-    num_labels = num_labels_of(cfg)
-    require_feasible(cfg, num_labels)  # exit 2 before Ray starts
+    task = load_data(cfg.data)  # bad data exits 2 here, before Ray starts
+    num_labels = task.num_labels
+    require_feasible(cfg, num_labels)
     n_layers = len(encoder_layers(build_model(cfg.student, num_labels, device="meta"))[1])
     describe(cfg, num_labels, n_layers)
     t0 = time.perf_counter()
-    result = run_search(cfg, run_dir, resume=args.resume, address=args.address, wandb_mode=wandb_mode,
-                        num_labels=num_labels, n_layers=n_layers)
+    result = run_search(cfg, task, run_dir, n_layers, resume=args.resume, address=args.address,
+                        wandb_mode=wandb_mode)
     summarize(result, cfg, time.perf_counter() - t0)
     return 0
 
@@ -358,19 +359,18 @@ class SearchResult:
     run_dir: Path
 
 
-def run_search(cfg: RunConfig, run_dir: Path, *, resume: bool = False, address: str | None = None,
-               wandb_mode: str = "offline", num_labels: int | None = None, n_layers: int | None = None) -> SearchResult:
-    """Teacher (cached), then the Tune search; writes trials.parquet and best_config.yaml."""
+def run_search(cfg: RunConfig, task: Any, run_dir: Path, n_layers: int, *, resume: bool = False,
+               address: str | None = None, wandb_mode: str = "offline") -> SearchResult:
+    """Teacher (cached), then the Tune search over `task` (the data stage's `TaskData`);
+    writes trials.parquet and best_config.yaml."""
     import ray
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
 
     from kdray.cluster import init_ray
-    from kdray.data import load_data
     from kdray.distill import distill_inputs
     from kdray.teacher import prepare_teacher
 
-    task = load_data(cfg.data)
     print(f"data: {task.description}")
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
@@ -393,7 +393,7 @@ def run_search(cfg: RunConfig, run_dir: Path, *, resume: bool = False, address: 
     if resume:
         tuner = tune.Tuner.restore(str(run_dir / "search"), trainable=trainable, resume_errored=True)
     else:
-        space = BudgetedSpace(cfg.space, cfg.student, num_labels, cfg.budget, n_layers)
+        space = BudgetedSpace(cfg.space, cfg.student, task.num_labels, cfg.budget, n_layers)
         scheduler = ASHAScheduler(time_attr=M.EPOCHS_DONE, max_t=max(cfg.space.epochs),
                                   grace_period=cfg.search.grace_period, reduction_factor=cfg.search.reduction_factor)
         tuner = tune.Tuner(
