@@ -110,24 +110,28 @@ def prepare_model(model: Any) -> Any:
     return ray.train.torch.prepare_model(model)
 
 
+def distill_on_worker(job: Any, data: Any, checkpoint: Any = None) -> Any:
+    """Run `kdray.distill.distill` on this Ray Train worker, resuming from `checkpoint` if given.
+
+    Returns the `DistillResult` (the teacher stage goes on with the trained model)."""
+    from kdray.distill import distill
+
+    rank, world, device = worker_context()
+    if checkpoint is None:
+        return distill(job, data, ray_report, rank=rank, world_size=world, device=device, prepare_model=prepare_model)
+    with checkpoint.as_directory() as d:
+        return distill(job, data, ray_report, rank=rank, world_size=world, device=device, prepare_model=prepare_model,
+                       resume_from=d)
+
+
 def distill_worker(config: dict) -> None:
     """Ray Train entry point of one distillation (a trial): `config` holds the `DistillJob`, an
     object-store reference to the shared `DistillData`, and optionally a `resume_from` Checkpoint."""
     import ray
     import ray.train
 
-    from kdray.distill import distill
-
-    rank, world, device = worker_context()
     data = config["data"]
     data = ray.get(data) if isinstance(data, ray.ObjectRef) else data
     # This run's own latest checkpoint (after a worker failure) wins over an explicit one to
     # start from (`resume_from`: Train V2 takes it through the loop's config).
-    ckpt = ray.train.get_checkpoint() or config.get("resume_from")
-    if ckpt is None:
-        distill(config["job"], data, ray_report, rank=rank, world_size=world, device=device,
-                prepare_model=prepare_model)
-        return
-    with ckpt.as_directory() as d:
-        distill(config["job"], data, ray_report, rank=rank, world_size=world, device=device,
-                prepare_model=prepare_model, resume_from=d)
+    distill_on_worker(config["job"], data, ray.train.get_checkpoint() or config.get("resume_from"))

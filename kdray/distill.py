@@ -401,8 +401,8 @@ def distill(job: DistillJob, data: DistillData, report: Report, *, rank: int = 0
             teacher = OnlineTeacher(from_payload(data.teacher_model).to(device))
         else:
             teacher = CachedTeacher(data.teacher_logits)
-    steps_per_epoch = len(make_batches(data.train.lengths, cfg.batch_size, shuffle=True, seed=job.seed, epoch=0,
-                                       group_by_length=cfg.group_by_length, rank=rank, world_size=world_size))
+    # make_batches' count: ceil(examples / batch) batches, dealt evenly (wrapping) to the ranks.
+    steps_per_epoch = math.ceil(math.ceil(len(data.train) / cfg.batch_size) / world_size)
     optimizer = make_optimizer(model, cfg, device)
     total = max(1, steps_per_epoch * cfg.epochs)
     scheduler = get_linear_schedule_with_warmup(optimizer, int(cfg.warmup_ratio * total), total)

@@ -113,23 +113,17 @@ def teacher_worker(config: dict) -> None:
     import ray.train
     import torch.distributed as dist
 
-    from kdray.cluster import prepare_model, ray_report, worker_context
-    from kdray.distill import distill, evaluate, predict_logits, write_logits
+    from kdray.cluster import distill_on_worker, ray_report, worker_context
+    from kdray.distill import evaluate, predict_logits, write_logits
     from kdray.models import build_model
 
     job, data = config["job"], ray.get(config["data"])
     rank, world, device = worker_context()
     t0 = time.perf_counter()
-    ckpt = ray.train.get_checkpoint()
     if config["fine_tuned"] or job.train.epochs == 0:
         model = build_model(job.model, job.num_labels, job.label_names, device=device, seed=job.seed)
-    elif ckpt is None:
-        model = distill(job, data, ray_report, rank=rank, world_size=world, device=device,
-                        prepare_model=prepare_model).model
     else:
-        with ckpt.as_directory() as d:
-            model = distill(job, data, ray_report, rank=rank, world_size=world, device=device,
-                            prepare_model=prepare_model, resume_from=d).model
+        model = distill_on_worker(job, data, ray.train.get_checkpoint()).model
     if hasattr(model, "merge_and_unload"):  # a LoRA teacher is saved and served merged
         model = model.merge_and_unload()
     train_seconds = time.perf_counter() - t0
