@@ -23,7 +23,8 @@ def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
 
     if ray.is_initialized():
         return
-    forwarded = ("WANDB_MODE", "WANDB_API_KEY", "WANDB_SILENT", "KDRAY_CACHE", "HF_HOME", "TRANSFORMERS_VERBOSITY")
+    forwarded = ("WANDB_MODE", "WANDB_API_KEY", "WANDB_SILENT", "KDRAY_CACHE", "HF_HOME", "TRANSFORMERS_VERBOSITY",
+                 "HF_HUB_DISABLE_PROGRESS_BARS")
     env = {k: os.environ[k] for k in forwarded if k in os.environ}
     runtime_env = {"env_vars": env} if env else None
     address = address or os.environ.get("RAY_ADDRESS")

@@ -217,6 +217,24 @@ class SearchConfig:
 
 
 @dataclass
+class FinalConfig:
+    seeds: int = 3
+    """Seeds the best configuration (and each baseline) is retrained with; the best by
+    validation is kept, and test metrics are given as mean ± std over the seeds."""
+    baselines: bool = True
+    """Also train the seeds' baselines: the same student without KD (alpha=1) and the
+    frozen-encoder head-only student (same alpha, T, learning rate and epochs)."""
+    latency_runs: int = 100
+    """Timed batch-1 forward passes per model (after `warmup_runs`), for p50/p95 latency."""
+    warmup_runs: int = 10
+    """Untimed forward passes before timing."""
+    throughput_batch_size: int = 32
+    """Batch size of the throughput measurement (the whole test split)."""
+    examples_per_bucket: int = 3
+    """Misclassified test examples shown per error-analysis bucket."""
+
+
+@dataclass
 class RunConfig:
     name: str = "kdray"
     """Run name: the run directory `runs/<name>/` and the wandb group."""
@@ -232,6 +250,7 @@ class RunConfig:
     resources: ResourcesConfig = field(default_factory=ResourcesConfig)
     space: SpaceConfig = field(default_factory=SpaceConfig)
     search: SearchConfig = field(default_factory=SearchConfig)
+    final: FinalConfig = field(default_factory=FinalConfig)
     cache_dir: str | None = None
     """Cache of tokenized data, teachers and logits; unset: `$KDRAY_CACHE` or `~/.cache/kdray`."""
     source_file: str | None = None
@@ -536,6 +555,13 @@ def _check_values(cfg: RunConfig) -> list[str]:
             p.append(f"search.{attr}: {getattr(se, attr)} must be at least 1.")
     if se.reduction_factor < 2:
         p.append(f"search.reduction_factor: {se.reduction_factor} must be at least 2.")
+    fi = cfg.final
+    for attr in ("seeds", "latency_runs", "throughput_batch_size"):
+        if getattr(fi, attr) < 1:
+            p.append(f"final.{attr}: {getattr(fi, attr)} must be at least 1.")
+    for attr in ("warmup_runs", "examples_per_bucket"):
+        if getattr(fi, attr) < 0:
+            p.append(f"final.{attr}: {getattr(fi, attr)} must be 0 or more.")
     if any(not ms for ms in cfg.space.target_modules):
         p.append("space.target_modules: every choice needs at least one module.")
     if any(r < 1 for r in cfg.space.lora_r):

@@ -265,20 +265,22 @@ def _all_reduce(t: torch.Tensor, world_size: int) -> torch.Tensor:
 
 @torch.no_grad()
 def predict_logits(model: nn.Module, split: Split, batch_size: int, pad_id: int, device: torch.device,
-                   indices: np.ndarray | None = None, progress: Callable[[int, int], None] | None = None) -> np.ndarray:
+                   indices: np.ndarray | None = None, progress: Callable[[int, int], None] | None = None,
+                   autocast: bool = True) -> np.ndarray:
     """Logits [len(indices), K] for `indices` of `split` (all by default), in that order.
 
     Sorted by length inside so batches pad little; results are put back in the given order.
+    `autocast=False` keeps fp32 on GPU too (bf16 otherwise).
     """
     model.eval()
     idx = np.arange(len(split)) if indices is None else np.asarray(indices)
     order = idx[np.argsort(-split.lengths[idx], kind="stable")]
     out: dict[int, np.ndarray] = {}
-    autocast = autocast_for(device)
+    context = autocast_for(device) if autocast else torch.autocast(device.type, enabled=False)
     for b, start in enumerate(range(0, len(order), batch_size)):
         chunk = order[start:start + batch_size]
         batch = split.collate(chunk, pad_id, device)
-        with autocast:
+        with context:
             logits = model(**model_inputs(batch)).logits.float().cpu().numpy()
         out.update(zip(chunk.tolist(), logits))
         if progress is not None:

@@ -34,6 +34,13 @@ def run_cli(main: Callable[[list[str] | None], int | None], argv: list[str] | No
     # kdray prints what a user needs; transformers' per-load reports (the new head is "MISSING"
     # from the checkpoint, by design) would bury it.
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    # Per-file "Loading weights" / "Writing model shards" bars: kdray prints its own progress.
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    if "transformers" in sys.modules:  # already imported: the variables above came too late
+        from transformers.utils import logging
+
+        logging.set_verbosity_error()
+        logging.disable_progress_bar()
     try:
         code = main(argv)
     except UserError as e:

@@ -12,6 +12,8 @@ VAL_ACCURACY = "val/accuracy"
 VAL_F1 = "val/f1_macro"
 TEST_ACCURACY = "test/accuracy"
 TEST_F1 = "test/f1_macro"
+TEST_PRECISION = "test/precision_macro"
+TEST_RECALL = "test/recall_macro"
 TRAINABLE_PARAMS = "trainable_params"
 EPOCHS_DONE = "epochs_done"
 """Epochs finished: ASHA's time attribute (it survives a Tune-level restore, RAY_NOTES.md)."""
@@ -23,17 +25,22 @@ EPOCH_SECONDS = "time/epoch_s"
 
 
 def classification_metrics(confusion: np.ndarray, prefix: str) -> dict[str, float]:
-    """Accuracy and macro-F1 (scikit-learn) from a K x K confusion matrix (rows: true labels).
+    """Accuracy, macro-F1, macro precision and recall (scikit-learn) from a K x K confusion
+    matrix (rows: true labels).
 
     Workers all-reduce confusion matrices, which is exact, then metrics come from the sum.
     """
-    from sklearn.metrics import accuracy_score, f1_score
+    from sklearn.metrics import accuracy_score, precision_recall_fscore_support
 
     k = confusion.shape[0]
     true, pred = np.nonzero(confusion)
     counts = confusion[true, pred].astype(np.int64)
     y_true, y_pred = np.repeat(true, counts), np.repeat(pred, counts)
+    precision, recall, f1, _ = precision_recall_fscore_support(y_true, y_pred, labels=list(range(k)),
+                                                               average="macro", zero_division=0)
     return {
         f"{prefix}/accuracy": float(accuracy_score(y_true, y_pred)),
-        f"{prefix}/f1_macro": float(f1_score(y_true, y_pred, labels=list(range(k)), average="macro", zero_division=0)),
+        f"{prefix}/f1_macro": float(f1),
+        f"{prefix}/precision_macro": float(precision),
+        f"{prefix}/recall_macro": float(recall),
     }
