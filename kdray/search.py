@@ -27,6 +27,7 @@ from kdray.budget import count, head_cost, rank_limit, require_feasible
 from kdray.cluster import add_cluster_arguments
 from kdray.config import LoraChoice, RunConfig, SpaceConfig, StudentConfig, add_space_arguments, load_config, to_dict
 from kdray.errors import UserError, run_cli
+from kdray.report import wandb_mode_of
 
 METRIC, MODE = M.VAL_ACCURACY, "max"
 REJECTED_ATTR = "kdray_rejected"
@@ -131,21 +132,26 @@ def _optuna_storage(url: str) -> Any:
 
 
 def trial_job(template: Any, config: dict[str, Any], n_layers: int) -> Any:
-    """The `DistillJob` of one sampled configuration."""
+    """The `DistillJob` of one configuration: a sampled one, or a final-stage run, which also
+    sets `seed` and may set `mode: head` (the frozen-encoder baseline)."""
     train = dataclasses.replace(template.train, alpha=float(config["alpha"]), temperature=float(config["temperature"]),
                                 learning_rate=float(config["learning_rate"]), epochs=int(config["epochs"]))
-    student = dataclasses.replace(template.model, mode="lora", lora=lora_choice(config, n_layers))
-    return dataclasses.replace(template, model=student, train=train)
+    mode = config.get("mode", "lora")
+    lora = lora_choice(config, n_layers) if mode == "lora" else template.model.lora
+    student = dataclasses.replace(template.model, mode=mode, lora=lora)
+    return dataclasses.replace(template, model=student, train=train, seed=int(config.get("seed", template.seed)))
 
 
 def run_trial(config: dict[str, Any], refs: dict[str, Any]) -> None:
-    """Tune function trainable: one distillation on Ray Train, metrics forwarded to Tune per epoch."""
+    """Tune function trainable: one distillation on Ray Train, metrics forwarded to Tune per epoch.
+
+    `config` is a sampled configuration, or `{"case": ...}` for a run of the final stage."""
     import ray.tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
     from kdray.cluster import distill_worker, fit
 
-    job = trial_job(refs["job"], config, refs["n_layers"])
+    job = trial_job(refs["job"], config.get("case", config), refs["n_layers"])
     ctx = ray.tune.get_context()
     fit(distill_worker, {"job": job, "data": refs["data"]}, name=f"trial-{ctx.get_trial_id()}",
         storage_path=refs["storage"], resources=refs["resources"], max_failures=refs["max_failures"],
@@ -155,8 +161,11 @@ def run_trial(config: dict[str, Any], refs: dict[str, Any]) -> None:
 # ----------------------------------------------------------------------------- progress
 
 
-def progress_callback(n_layers: int) -> Any:
+def progress_callback(n_layers: int, label: Any = None) -> Any:
+    """`label(trial)` names a trial in the first column (default: its id)."""
     from ray.tune import Callback
+
+    label = label or (lambda trial: trial.trial_id)
 
     class Progress(Callback):
         """One concise line per trial epoch and per finished trial."""
@@ -166,14 +175,15 @@ def progress_callback(n_layers: int) -> Any:
 
         def _line(self, trial: Any, result: dict, status: str) -> None:
             if not self.header:
-                print(f"{'trial':<14} {'alpha':>5} {'T':>5} {'r':>3} {'layers':<12} {'params':>9} {'epoch':>5} "
+                print(f"{'trial':<16} {'alpha':>5} {'T':>5} {'r':>3} {'layers':<12} {'params':>9} {'epoch':>5} "
                       f"{'val acc':>7}  status", flush=True)
                 self.header = True
-            c = trial.config
-            layers = lora_choice(c, n_layers).layers
+            c = config_of(trial)
+            layers = lora_choice(c, n_layers).layers if c.get("mode", "lora") == "lora" else None
             shown = "all" if layers is None else ",".join(map(str, layers))
+            r = c["lora_r"] if c.get("mode", "lora") == "lora" else "-"
             acc = result.get(METRIC)
-            print(f"{trial.trial_id:<14} {c['alpha']:>5.2f} {c['temperature']:>5.2f} {c['lora_r']:>3} {shown:<12} "
+            print(f"{label(trial):<16} {c['alpha']:>5.2f} {c['temperature']:>5.2f} {r:>3} {shown:<12} "
                   f"{c[M.TRAINABLE_PARAMS]:>9,} {result.get(M.EPOCHS_DONE, 0):>5} "
                   f"{acc if acc is None else f'{acc:.4f}':>7}  {status}", flush=True)
 
@@ -182,13 +192,18 @@ def progress_callback(n_layers: int) -> Any:
 
         def on_trial_complete(self, iteration, trials, trial, **info):
             result = trial.last_result or {}
-            done = result.get(M.EPOCHS_DONE, 0) >= trial.config["epochs"]
+            done = result.get(M.EPOCHS_DONE, 0) >= config_of(trial)["epochs"]
             self._line(trial, result, "completed" if done else "stopped early")
 
         def on_trial_error(self, iteration, trials, trial, **info):
             self._line(trial, trial.last_result or {}, "failed")
 
     return Progress()
+
+
+def config_of(trial: Any) -> dict[str, Any]:
+    """A trial's configuration: the sampled one, or the final stage's `case`."""
+    return trial.config.get("case", trial.config)
 
 
 # ----------------------------------------------------------------------------- results
@@ -226,15 +241,20 @@ def trial_rows(results: Any, budget: int, n_layers: int) -> list[dict[str, Any]]
     return rows
 
 
-def write_results(run_dir: Path, rows: list[dict], cfg: RunConfig, best: dict | None) -> None:
+def write_results(result: "SearchResult") -> None:
+    """`search/trials.parquet`, `search/summary.json` and `best_config.yaml`."""
+    import json
+
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    search = run_dir / "search"
+    search = result.run_dir / "search"
     search.mkdir(parents=True, exist_ok=True)
-    pq.write_table(pa.Table.from_pylist(rows), search / "trials.parquet")
-    if best is not None:
-        (run_dir / "best_config.yaml").write_text(yaml.safe_dump(best, sort_keys=False))
+    pq.write_table(pa.Table.from_pylist(result.rows), search / "trials.parquet")
+    (search / "summary.json").write_text(json.dumps({"seconds": result.seconds, "rejected": result.rejected,
+                                                     "trials": len(result.rows)}, indent=2))
+    if result.best is not None:
+        (result.run_dir / "best_config.yaml").write_text(yaml.safe_dump(result.best, sort_keys=False))
 
 
 def best_config(rows: list[dict], cfg: RunConfig) -> dict | None:
@@ -313,7 +333,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--wandb", choices=["online", "offline", "disabled"],
                     help="wandb mode (default: online with WANDB_API_KEY set, else offline)")
     ap.add_argument("--no-final", action="store_true",
-                    help="stop after the search (the final stage is not built yet: the search always stops there)")
+                    help="stop after the search (later: python -m kdray.final --run runs/<name>)")
     args = ap.parse_args(argv)
     overrides = list(args.overrides)
     if args.trials is not None:
@@ -327,7 +347,7 @@ def main(argv: list[str] | None = None) -> int:
     if cfg.student.mode != "lora":
         raise UserError(f"student.mode: the search tunes LoRA students, not {cfg.student.mode!r}. Fix: mode: lora.",
                         where=cfg.source_file)
-    wandb_mode = args.wandb or ("online" if os.environ.get("WANDB_API_KEY") else "offline")
+    wandb_mode = wandb_mode_of(args.wandb)
     run_dir = Path(args.output_dir).resolve() / cfg.name
     search_dir = run_dir / "search"
     if args.resume and not (search_dir / "tuner.pkl").is_file():
@@ -344,10 +364,19 @@ def main(argv: list[str] | None = None) -> int:
     require_feasible(cfg, num_labels)
     n_layers = len(encoder_layers(build_model(cfg.student, num_labels, device="meta"))[1])
     describe(cfg, num_labels, n_layers)
-    t0 = time.perf_counter()
     result = run_search(cfg, task, run_dir, n_layers, resume=args.resume, address=args.address,
                         wandb_mode=wandb_mode)
-    summarize(result, cfg, time.perf_counter() - t0)
+    summarize(result, cfg)
+    if args.no_final:
+        print(f"final stage skipped (--no-final); run it with: python -m kdray.final --run {run_dir}")
+        return 0
+    if result.best is None:
+        raise RuntimeError("no trial reported a validation accuracy: nothing for the final stage to retrain")
+    from kdray.final import run_final
+    from kdray.report import write_report
+
+    run_final(cfg, task, run_dir, n_layers)
+    write_report(run_dir, wandb_mode=wandb_mode)
     return 0
 
 
@@ -357,6 +386,7 @@ class SearchResult:
     best: dict | None
     rejected: int
     run_dir: Path
+    seconds: float
 
 
 def run_search(cfg: RunConfig, task: Any, run_dir: Path, n_layers: int, *, resume: bool = False,
@@ -371,6 +401,7 @@ def run_search(cfg: RunConfig, task: Any, run_dir: Path, n_layers: int, *, resum
     from kdray.distill import distill_inputs
     from kdray.teacher import prepare_teacher
 
+    t0 = time.perf_counter()
     print(f"data: {task.description}")
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
@@ -407,8 +438,9 @@ def run_search(cfg: RunConfig, task: Any, run_dir: Path, n_layers: int, *, resum
     grid = tuner.fit()
     rows = trial_rows(grid, cfg.budget, n_layers)
     best = best_config(rows, cfg)
-    write_results(run_dir, rows, cfg, best)
-    return SearchResult(rows, best, count_rejected(storage_url, cfg.name), run_dir)
+    result = SearchResult(rows, best, count_rejected(storage_url, cfg.name), run_dir, time.perf_counter() - t0)
+    write_results(result)
+    return result
 
 
 TRIAL_DRIVER_CPU = 0.01
@@ -436,9 +468,9 @@ def fit_resources(cfg: RunConfig) -> Any:
     return dataclasses.replace(res, cpus_per_worker=share)
 
 
-def summarize(result: SearchResult, cfg: RunConfig, seconds: float) -> None:
+def summarize(result: SearchResult, cfg: RunConfig) -> None:
     counts = {s: sum(r["status"] == s for r in result.rows) for s in ("completed", "stopped early", "failed")}
-    print(f"search done in {seconds:.0f}s: {counts['completed']} completed, {counts['stopped early']} stopped early, "
+    print(f"search done in {result.seconds:.0f}s: {counts['completed']} completed, {counts['stopped early']} stopped early, "
           f"{counts['failed']} failed, {result.rejected} infeasible configs (over budget, or no layer) rejected before training")
     b = result.best
     if b is None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -49,15 +50,10 @@ def test_space_counts_every_sample_and_rejects_over_budget_ones():
     assert any(verdicts) and not all(verdicts)
 
 
-def test_smoke_search_with_concurrency_two_on_two_cpus(ray_cluster, tmp_path):
-    """6 trials, 2 at a time on the 2-CPU cluster; a wide learning-rate range makes some trials
-    fall behind at the first rung, so ASHA stops them."""
-    from kdray.search import main
-
+def test_smoke_search_with_concurrency_two_on_two_cpus(ray_cluster, smoke_run):
+    """6 trials, 2 at a time on the 2-CPU cluster (the `smoke_run` fixture); ASHA stops some."""
     assert ray_cluster.cluster_resources()["CPU"] == 2
-    main(["--space", "smoke", "--trials", "6", "--output-dir", str(tmp_path), "--wandb", "offline",
-          "--set", "space.learning_rate=[0.01, 0.3]", "--set", "search.concurrency=2"])
-    run = tmp_path / "smoke"
+    run = smoke_run
     rows = pq.read_table(run / "search" / "trials.parquet").to_pylist()
     assert len(rows) == 6
     budget = load_config("smoke").budget
@@ -71,8 +67,10 @@ def test_smoke_search_with_concurrency_two_on_two_cpus(ray_cluster, tmp_path):
     study = optuna.load_study(study_name="smoke", storage=f"sqlite:///{run / 'search' / 'optuna.db'}")
     assert sum(t.state == optuna.trial.TrialState.COMPLETE for t in study.trials) >= 6
 
-    # wandb offline: one run directory per trial, the searched knobs and trainable_params in its config.
-    runs = sorted((run / "wandb").glob("offline-run-*"))
+    # wandb offline: one run directory per trial (plus the final stage's), the searched knobs and
+    # trainable_params in its config.
+    final_id = json.loads((run / "results.json").read_text())["wandb"]["run_id"]
+    runs = sorted(d for d in (run / "wandb").glob("offline-run-*") if not d.name.endswith(final_id))
     assert len(runs) == 6
     by_trial = {row["trial_id"]: row for row in rows}
     for d in runs:
@@ -85,7 +83,7 @@ def test_smoke_search_with_concurrency_two_on_two_cpus(ray_cluster, tmp_path):
 
 def test_kill_after_first_completed_trial_then_resume(ray_cluster, tmp_path):
     address = ray_cluster.get_runtime_context().gcs_address
-    args = ["--space", "smoke", "--trials", "3", "--output-dir", str(tmp_path), "--wandb", "disabled",
+    args = ["--space", "smoke", "--trials", "3", "--output-dir", str(tmp_path), "--wandb", "disabled", "--no-final",
             "--address", address, "--set", "search.concurrency=1", "--set", "space.epochs=[2]"]
     proc = subprocess.Popen([sys.executable, "-m", "kdray.search", *args], cwd=ROOT, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, start_new_session=True)

@@ -1,0 +1,518 @@
+"""Final stage: retrain the search's best configuration, benchmark it against the teacher and the
+seeds' baselines, and hand over a deployable student.
+
+1. The best configuration (validation only) is retrained with `final.seeds` seeds, beside the
+   two baselines of the seeds with the same budget, data, alpha, T, learning rate and epochs:
+   the same LoRA student without KD (`alpha=1`, seed 001's comparison) and the frozen-encoder,
+   head-only student (seed 003's). They are Tune trials of the search's own trainable, so they
+   run `final.seeds x 3` at `search.concurrency` on Ray Train.
+2. The seed with the best validation accuracy is kept; its LoRA weights are merged
+   (`merge_and_unload`) and the student is saved with its tokenizer and label names under
+   `final/student/`, loadable by `transformers.pipeline("text-classification", model=...)`;
+   its unmerged PEFT adapter goes to `final/adapter/`.
+3. The test split is read here, once. Every model is scored on it; the teacher, the merged and
+   unmerged student and the baselines are benchmarked one after another in this process on the
+   same inputs (latency at batch 1, throughput at batch 32, peak memory, size).
+4. Error analysis of the student's test mistakes (seed 003): short/long, negation, true->predicted.
+
+`final/final.json` holds every measurement and `final/predictions.parquet` the test predictions;
+`kdray.report` turns them into `results.json`, `report.md` and `plots/`.
+
+    python -m kdray.final --run runs/NAME [--seeds N]
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import gc
+import json
+import platform
+import re
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from kdray import metrics as M
+from kdray.config import RunConfig
+from kdray.errors import UserError, run_cli
+
+FINAL_DIR, STUDENT_DIR, ADAPTER_DIR = "final", "student", "adapter"
+FINAL_JSON, PREDICTIONS = "final.json", "predictions.parquet"
+
+VARIANTS = {
+    "student": "distilled LoRA student (the search's best configuration)",
+    "no_kd": "the same LoRA student on labels only (alpha = 1)",
+    "head_only": "frozen encoder, trained classifier head (same alpha, T, learning rate, epochs)",
+}
+#: What the benchmark table shows, in order: name -> description.
+BENCHMARKED = {
+    "teacher": "fine-tuned teacher",
+    "student": "student, LoRA merged (final/student)",
+    "student_unmerged": "student, LoRA unmerged (PEFT)",
+    "no_kd": VARIANTS["no_kd"] + ", merged",
+    "head_only": VARIANTS["head_only"],
+}
+
+
+# ----------------------------------------------------------------------------- the runs
+
+
+def final_cases(cfg: RunConfig, best: dict[str, Any], n_layers: int, num_labels: int,
+                seeds: int) -> list[dict[str, Any]]:
+    """Tune configurations of the final runs: the best config and each baseline, per seed.
+
+    Flat like a sampled configuration (`kdray.search.trial_job` reads them), plus `variant`,
+    `seed` and, for the head-only baseline, `mode: head`; `trainable_params` is counted here
+    exactly as the budget counts it."""
+    from kdray.budget import count
+    from kdray.search import lora_choice
+
+    lora = best["student"]["lora"]
+    layers = lora["layers"]
+    flat = {**{k: best["train"][k] for k in ("alpha", "temperature", "learning_rate", "epochs")},
+            "lora_r": lora["r"], "lora_alpha": lora["alpha"], "lora_dropout": lora["dropout"],
+            "target_modules": ",".join(lora["target_modules"])}
+    if layers is not None:
+        flat.update({f"layer_{i}": i in layers for i in range(n_layers)})
+    variants = {"student": {}}
+    if cfg.final.baselines:
+        variants.update({"no_kd": {"alpha": 1.0}, "head_only": {"mode": "head"}})
+    cases = []
+    for i in range(seeds):
+        for variant, change in variants.items():
+            case = {**flat, **change, "variant": variant, "seed": cfg.seed + i}
+            mode = case.get("mode", "lora")
+            student = dataclasses.replace(cfg.student, mode=mode,
+                                          lora=lora_choice(case, n_layers) if mode == "lora" else cfg.student.lora)
+            case[M.TRAINABLE_PARAMS] = count(student, num_labels)
+            cases.append(case)
+    return cases
+
+
+def train_cases(cfg: RunConfig, job: Any, data: Any, cases: list[dict], final_dir: Path,
+                n_layers: int) -> list[tuple[dict, str]]:
+    """Train every case as a Tune trial of the search's trainable; `(case, last checkpoint path)`."""
+    import ray
+    from ray import tune
+
+    from kdray.search import TRIAL_DRIVER_CPU, fit_resources, progress_callback, run_trial
+
+    refs = {"job": job, "data": ray.put(data), "n_layers": n_layers, "storage": str(final_dir / "train"),
+            "resources": fit_resources(cfg), "max_failures": cfg.search.max_failures}
+    trainable = tune.with_resources(tune.with_parameters(run_trial, refs=refs), {"cpu": TRIAL_DRIVER_CPU})
+    progress = progress_callback(n_layers, label=lambda t: f"{t.config['case']['variant']}/s{t.config['case']['seed']}")
+    tuner = tune.Tuner(
+        trainable,
+        param_space={"case": tune.grid_search(cases)},
+        tune_config=tune.TuneConfig(max_concurrent_trials=cfg.search.concurrency),
+        run_config=tune.RunConfig(name="tune", storage_path=str(final_dir), callbacks=[progress], verbose=0,
+                                  failure_config=tune.FailureConfig(max_failures=cfg.search.max_failures)),
+    )
+    out = []
+    for r in tuner.fit():
+        case = r.config["case"]
+        path = (r.metrics or {}).get("checkpoint_path")
+        if r.error is not None or path is None:
+            raise RuntimeError(f"final stage: the {case['variant']} run with seed {case['seed']} failed: {r.error}")
+        out.append((case, path))
+    return out
+
+
+def load_trained(job: Any, case: dict, checkpoint_path: str, n_layers: int) -> tuple[nn.Module, list[dict]]:
+    """Rebuild a case's model exactly as its worker did and load its trained weights."""
+    from ray.train import Checkpoint
+
+    from kdray.distill import load_checkpoint
+    from kdray.models import build_student
+    from kdray.search import trial_job
+
+    j = trial_job(job, case, n_layers)
+    model = build_student(j.model, j.num_labels, j.label_names, seed=j.seed)
+    with Checkpoint(checkpoint_path).as_directory() as d:
+        _, history = load_checkpoint(Path(d), model)
+    return model.eval(), history
+
+
+# ----------------------------------------------------------------------------- measuring
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    name = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                name = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{name} ({torch.get_num_threads()} threads)"
+
+
+def weights_mb(model: nn.Module) -> float:
+    """Size of the model's weights serialised as one safetensors file (what serving it as
+    loaded needs: an unmerged PEFT model counts base, adapter and its copy of the head)."""
+    from safetensors.torch import save
+
+    seen, tensors = set(), {}
+    for name, t in model.state_dict().items():
+        if t.data_ptr() in seen:
+            continue
+        seen.add(t.data_ptr())
+        tensors[name] = t.detach().cpu().contiguous()
+    return len(save(tensors)) / 2**20
+
+
+def total_params(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def _rss_mb() -> tuple[float, bool]:
+    """(peak RSS since the last reset, True) where Linux gives it, else (current RSS, False)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024, True
+    except OSError:
+        pass
+    import psutil
+
+    return psutil.Process().memory_info().rss / 2**20, False
+
+
+def _memory_mark(device: torch.device) -> float:
+    """Start a peak-memory window; returns the baseline (MB) that `_memory_peak` subtracts."""
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        return torch.cuda.memory_allocated(device) / 2**20
+    try:  # writing 5 to clear_refs resets the peak RSS (VmHWM) to the current RSS
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        pass
+    import psutil
+
+    return psutil.Process().memory_info().rss / 2**20
+
+
+def _memory_peak(device: torch.device, base: float) -> tuple[float, str]:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20 - base, "cuda_max_allocated"
+    now, is_peak = _rss_mb()
+    return now - base, "rss_peak_growth" if is_peak else "rss_growth"
+
+
+@torch.inference_mode()
+def benchmark(loaders: dict[str, tuple[Any, Any, int]], device: torch.device,
+              cfg: RunConfig) -> tuple[dict[str, dict], dict[str, np.ndarray]]:
+    """Benchmark every `name: (load, test split, pad id)` in this process on the same inputs.
+
+    One model after another: load (peak memory counts load and inference: CUDA max allocated
+    on GPU, peak RSS growth on CPU, above what was in use before), `warmup_runs` passes, and one
+    pass over the whole test split at `throughput_batch_size` (throughput; its logits are
+    returned). Then latency: `latency_runs` batch-1 passes over the first test examples, every
+    model in turn on each example, so slow drifts of the machine (other processes, clocks)
+    hit every model alike rather than whichever ran during them.
+    """
+    from kdray.distill import model_inputs, predict_logits
+
+    fc = cfg.final
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    models, singles, out, logits = {}, {}, {}, {}
+    for name, (load, split, pad) in loaders.items():
+        base = _memory_mark(device)
+        model = load().to(device).eval()
+        singles[name] = [model_inputs(split.collate(np.array([i % len(split)]), pad, device))
+                         for i in range(fc.latency_runs)]
+        for i in range(fc.warmup_runs):
+            model(**singles[name][i % fc.latency_runs])
+        sync()
+        t0 = time.perf_counter()
+        logits[name] = predict_logits(model, split, fc.throughput_batch_size, pad, device)
+        sync()
+        seconds = time.perf_counter() - t0
+        peak, kind = _memory_peak(device, base)
+        out[name] = {"total_params": total_params(model), "size_mb": weights_mb(model),
+                     "throughput_per_s": len(split) / seconds, "throughput_batch_size": fc.throughput_batch_size,
+                     "peak_memory_mb": float(peak), "memory_kind": kind}
+        models[name] = model
+    times: dict[str, list[float]] = {name: [] for name in models}
+    for i in range(fc.latency_runs):
+        for name, model in models.items():
+            sync()
+            t0 = time.perf_counter()
+            model(**singles[name][i])
+            sync()
+            times[name].append(time.perf_counter() - t0)
+    for name, t in times.items():
+        ms = np.asarray(t) * 1000
+        out[name].update({"latency_ms_p50": float(np.percentile(ms, 50)), "latency_ms_p95": float(np.percentile(ms, 95)),
+                          "latency_runs": len(ms)})
+    return out, logits
+
+
+def split_scores(logits: np.ndarray, labels: np.ndarray, k: int) -> dict[str, Any]:
+    pred = logits.argmax(-1)
+    cm = np.zeros((k, k), dtype=np.int64)
+    np.add.at(cm, (labels, pred), 1)
+    return {**M.classification_metrics(cm, "test"), "confusion": cm.tolist()}
+
+
+def mean_std(values: list[float]) -> dict[str, Any]:
+    """Mean and sample standard deviation (None for a single seed) over seeds."""
+    a = np.asarray(values, dtype=np.float64)
+    return {"mean": float(a.mean()), "std": float(a.std(ddof=1)) if len(a) > 1 else None, "values": a.tolist()}
+
+
+# ----------------------------------------------------------------------------- error analysis
+
+NEGATION = re.compile(r"\b(?:not|no|never|nor|neither|nobody|nothing|none|nowhere|without|hardly|barely|cannot)\b"
+                      r"|n't\b", re.IGNORECASE)
+
+
+def error_analysis(texts: list[str], labels: np.ndarray, pred: np.ndarray, prob: np.ndarray,
+                   teacher_pred: np.ndarray, label_names: list[str], per_bucket: int) -> dict[str, Any]:
+    """The student's test mistakes in buckets: short and long texts (word-count quartiles),
+    with and without negation, and each true -> predicted class pair. Each bucket gives its
+    examples, the student's errors and error rate, the teacher's error rate on the same
+    examples, and the student's most confident mistakes in it."""
+    words = np.array([len(t.split()) for t in texts])
+    short, long_ = int(np.percentile(words, 25)), int(np.percentile(words, 75))
+    negated = np.array([bool(NEGATION.search(t)) for t in texts])
+    wrong = pred != labels
+    buckets = [(f"short (<= {short} words)", words <= short), (f"long (>= {long_} words)", words >= long_),
+               ("contains negation", negated), ("no negation", ~negated)]
+    rows = []
+    for name, mask in buckets:
+        rows.append(_bucket(name, mask, wrong, teacher_pred != labels, texts, labels, pred, prob, label_names,
+                            per_bucket))
+    for a, true_name in enumerate(label_names):
+        for b, pred_name in enumerate(label_names):
+            if a == b:
+                continue
+            mask = labels == a
+            errors = mask & (pred == b)
+            row = _bucket(f"{true_name} -> {pred_name}", mask, errors, mask & (teacher_pred == b), texts, labels,
+                          pred, prob, label_names, per_bucket)
+            rows.append(row)
+    return {"test_examples": len(texts), "errors": int(wrong.sum()), "error_rate": float(wrong.mean()),
+            "teacher_errors": int((teacher_pred != labels).sum()), "buckets": rows,
+            "negation_pattern": NEGATION.pattern}
+
+
+def _bucket(name: str, mask: np.ndarray, errors: np.ndarray, teacher_errors: np.ndarray, texts: list[str],
+            labels: np.ndarray, pred: np.ndarray, prob: np.ndarray, label_names: list[str],
+            per_bucket: int) -> dict[str, Any]:
+    """A bucket's counts; rates are errors among the bucket's examples (for a class pair: among
+    the examples of the true class)."""
+    n = int(mask.sum())
+    err = mask & errors
+    idx = np.flatnonzero(err)
+    idx = idx[np.argsort(-prob[idx], kind="stable")][:per_bucket]  # most confident mistakes first
+    return {"bucket": name, "examples": n, "errors": int(err.sum()),
+            "error_rate": float(err.sum() / n) if n else None,
+            "teacher_error_rate": float((mask & teacher_errors).sum() / n) if n else None,
+            "shown": [{"text": texts[i][:300], "label": label_names[labels[i]], "predicted": label_names[pred[i]],
+                       "probability": float(prob[i])} for i in idx]}
+
+
+# ----------------------------------------------------------------------------- the stage
+
+
+@dataclasses.dataclass
+class FinalResult:
+    final_dir: Path
+    record: dict[str, Any]
+    """What `final/final.json` holds."""
+
+
+def run_final(cfg: RunConfig, task: Any, run_dir: Path, n_layers: int, *, seeds: int | None = None) -> FinalResult:
+    """Retrain, select on validation, save the merged student, score on test, benchmark.
+
+    `run_dir` holds the search (`best_config.yaml`); Ray must be running (`kdray.cluster.init_ray`)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    import yaml
+    from transformers import AutoModelForSequenceClassification
+
+    from kdray.data import tokenize
+    from kdray.distill import Split, distill_inputs, predict_logits
+    from kdray.models import from_pretrained_dir, load_tokenizer
+    from kdray.teacher import prepare_teacher
+
+    t_start = time.perf_counter()
+    best = yaml.safe_load((run_dir / "best_config.yaml").read_text())
+    seeds = seeds if seeds is not None else cfg.final.seeds
+    final_dir = run_dir / FINAL_DIR
+    if final_dir.exists():
+        print(f"final: replacing the earlier final stage in {final_dir}")
+        shutil.rmtree(final_dir)
+    final_dir.mkdir(parents=True)
+    teacher = prepare_teacher(cfg, task, storage_path=run_dir / "train")
+    train = dataclasses.replace(cfg.train, alpha=float(best["train"]["alpha"]))
+    job, data = distill_inputs(cfg, task, teacher, train=train)
+    cases = final_cases(cfg, best, n_layers, task.num_labels, seeds)
+    print(f"final: retraining the best configuration with {seeds} seed(s)"
+          f"{' beside the no-KD and head-only baselines' if cfg.final.baselines else ''}: {len(cases)} runs")
+    t0 = time.perf_counter()
+    trained = train_cases(cfg, job, data, cases, final_dir, n_layers)
+    train_seconds = time.perf_counter() - t0
+
+    # The test split is read here and nowhere else.
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    s_tok, t_tok = load_tokenizer(cfg.student), load_tokenizer(cfg.teacher)
+    s_test = Split.from_dataset(tokenize(task, s_tok, cfg.data.max_length, cfg.cache_dir)[0]["test"])
+    t_test = Split.from_dataset(tokenize(task, t_tok, cfg.data.max_length, cfg.cache_dir)[0]["test"])
+    labels, k = s_test.labels, task.num_labels
+    texts = list(task.splits["test"]["text"])
+    bs = cfg.final.throughput_batch_size
+
+    runs: dict[str, list[dict]] = {v: [] for v in VARIANTS}
+    chosen: dict[str, tuple[dict, str]] = {}
+    for case, path in trained:
+        model, history = load_trained(job, case, path, n_layers)
+        logits = predict_logits(model.to(device), s_test, bs, job.pad_token_id, device)
+        row = {"seed": case["seed"], M.TRAINABLE_PARAMS: case[M.TRAINABLE_PARAMS],
+               M.VAL_ACCURACY: history[-1][M.VAL_ACCURACY], M.VAL_F1: history[-1][M.VAL_F1],
+               "val_accuracy_per_epoch": [h[M.VAL_ACCURACY] for h in history], **split_scores(logits, labels, k)}
+        runs[case["variant"]].append(row)
+        v = case["variant"]
+        if v not in chosen or row[M.VAL_ACCURACY] > _val_of(runs[v], chosen[v][0]["seed"]):
+            chosen[v] = (case, path)  # best by validation, never by test
+        del model
+    runs = {v: rs for v, rs in runs.items() if rs}
+
+    # Merge the chosen student's LoRA and save it as a plain Hugging Face classifier.
+    case, path = chosen["student"]
+    unmerged, _ = load_trained(job, case, path, n_layers)
+    unmerged.save_pretrained(final_dir / ADAPTER_DIR)
+    merged = unmerged.merge_and_unload()
+    student_dir = final_dir / STUDENT_DIR
+    merged.save_pretrained(student_dir, safe_serialization=True)
+    s_tok.save_pretrained(student_dir)
+    (student_dir / "kdray.json").write_text(json.dumps({
+        "run": cfg.name, "seed": case["seed"], M.TRAINABLE_PARAMS: case[M.TRAINABLE_PARAMS],
+        "label_names": task.label_names, "max_length": cfg.data.max_length}, indent=2))
+    del merged, unmerged
+
+    print(f"final: benchmarking on {device_name(device)}: {len(s_test)} test examples, batch 1 x "
+          f"{cfg.final.latency_runs} and batch {bs}")
+    loaders = {
+        "teacher": (lambda: from_pretrained_dir(teacher.model_dir), t_test),
+        "student": (lambda: AutoModelForSequenceClassification.from_pretrained(student_dir, dtype=torch.float32),
+                    s_test),
+        "student_unmerged": (lambda: load_trained(job, case, path, n_layers)[0], s_test),
+    }
+    for v in ("no_kd", "head_only"):
+        if v in chosen:
+            loaders[v] = (lambda v=v: _merged(load_trained(job, *chosen[v], n_layers)[0]), s_test)
+    bench, logits_of = benchmark({name: (load, split, t_tok.pad_token_id if name == "teacher" else job.pad_token_id)
+                                  for name, (load, split) in loaders.items()}, device, cfg)
+    for name, b in bench.items():
+        b["description"] = BENCHMARKED[name]
+        print(f"  {name:<17} p50 {b['latency_ms_p50']:7.2f} ms  p95 {b['latency_ms_p95']:7.2f} ms"
+              f"  {b['throughput_per_s']:8.1f}/s  {b['size_mb']:7.1f} MB  peak memory {b['peak_memory_mb']:.0f} MB")
+    merged_logits, unmerged_logits = logits_of["student"], logits_of["student_unmerged"]
+    if device.type == "cuda":  # the timed passes ran under bf16 autocast: compare the weights in fp32
+        merged_logits, unmerged_logits = (
+            predict_logits(load().to(device), s_test, bs, job.pad_token_id, device, autocast=False)
+            for load in (loaders["student"][0], loaders["student_unmerged"][0]))
+    merge_diff = float(np.abs(merged_logits - unmerged_logits).max())
+
+    teacher_test = split_scores(logits_of["teacher"], t_test.labels, k)
+    s_logits = logits_of["student"]
+    s_prob = torch.softmax(torch.from_numpy(s_logits), -1).numpy()
+    s_pred, t_pred = s_logits.argmax(-1), logits_of["teacher"].argmax(-1)
+    errors = error_analysis(texts, labels, s_pred, s_prob.max(-1), t_pred, task.label_names,
+                            cfg.final.examples_per_bucket)
+    pq.write_table(pa.table({
+        "example_id": s_test.example_ids, "text": texts, "label": labels, "student_pred": s_pred,
+        "student_prob": s_prob.max(-1).astype(np.float32), "teacher_pred": t_pred,
+    }), final_dir / PREDICTIONS)
+
+    record = {
+        "seeds": seeds, "device": device_name(device), "device_type": device.type,
+        "train_seconds": train_seconds, "seconds": time.perf_counter() - t_start,
+        "data": {"description": task.description, "label_names": task.label_names,
+                 "sizes": {name: len(df) for name, df in task.splits.items()}},
+        "teacher": {"val": {kk: teacher.record[kk] for kk in (M.VAL_ACCURACY, M.VAL_F1)}, **teacher_test,
+                    "model": teacher.record.get("model"), "epochs": teacher.record.get("epochs")},
+        "variants": {v: {"description": VARIANTS[v], M.TRAINABLE_PARAMS: rs[0][M.TRAINABLE_PARAMS],
+                         "chosen_seed": chosen[v][0]["seed"], "runs": rs,
+                         **{key: mean_std([r[key] for r in rs]) for key in
+                            (M.VAL_ACCURACY, M.TEST_ACCURACY, M.TEST_F1, M.TEST_PRECISION, M.TEST_RECALL)}}
+                     for v, rs in runs.items()},
+        "benchmark": bench,
+        "merge_max_abs_logit_diff": merge_diff,
+        "error_analysis": errors,
+        "student_dir": str(student_dir), "adapter_dir": str(final_dir / ADAPTER_DIR),
+    }
+    (final_dir / FINAL_JSON).write_text(json.dumps(record, indent=2))
+    print(f"final: done in {record['seconds']:.0f}s; merged vs unmerged logits differ by at most {merge_diff:.2e}; "
+          f"student saved to {student_dir}")
+    return FinalResult(final_dir, record)
+
+
+def _val_of(rows: list[dict], seed: int) -> float:
+    return next(r[M.VAL_ACCURACY] for r in rows if r["seed"] == seed)
+
+
+def _merged(model: nn.Module) -> nn.Module:
+    """A trained model as it would ship: LoRA merged; a head-only model is already plain."""
+    return model.merge_and_unload() if hasattr(model, "merge_and_unload") else model
+
+
+# ----------------------------------------------------------------------------- the command
+
+
+def load_run(run: str | Path) -> tuple[RunConfig, Path]:
+    """The resolved config of a finished search in `run`; exits 2 if it is not one."""
+    from kdray.config import load_config
+
+    run_dir = Path(run).resolve()
+    missing = [f for f in ("config.yaml", "best_config.yaml") if not (run_dir / f).is_file()]
+    if missing:
+        raise UserError(f"--run {run}: not a finished search (no {' or '.join(missing)}). Fix: pass a run "
+                        f"directory written by `python -m kdray.search` (runs/<name>/).")
+    return load_config(run_dir / "config.yaml"), run_dir
+
+
+def main(argv: list[str] | None = None) -> int:
+    from kdray.cluster import add_cluster_arguments, init_ray
+
+    ap = argparse.ArgumentParser(prog="python -m kdray.final", description=(
+        "Rerun the final stage of a search: retrain the best configuration with several seeds and "
+        "the no-KD and head-only baselines, save the merged student, benchmark everything against "
+        "the teacher on the test split, and write results.json, report.md and plots/."))
+    ap.add_argument("--run", required=True, help="run directory of a finished search (runs/<name>/)")
+    ap.add_argument("--seeds", type=int, help="seeds per configuration (default: the run's final.seeds)")
+    add_cluster_arguments(ap, workers=False)
+    ap.add_argument("--wandb", choices=["online", "offline", "disabled"],
+                    help="wandb mode of the final run (default: online with WANDB_API_KEY set, else offline)")
+    args = ap.parse_args(argv)
+    cfg, run_dir = load_run(args.run)
+    if args.seeds is not None and args.seeds < 1:
+        raise UserError(f"--seeds {args.seeds}: needs at least 1 seed.")
+
+    from kdray.data import load_data
+    from kdray.models import build_model, encoder_layers
+    from kdray.report import wandb_mode_of, write_report
+
+    wandb_mode = wandb_mode_of(args.wandb)
+    task = load_data(cfg.data)
+    n_layers = len(encoder_layers(build_model(cfg.student, task.num_labels, device="meta"))[1])
+    init_ray(args.address)
+    run_final(cfg, task, run_dir, n_layers, seeds=args.seeds)
+    write_report(run_dir, wandb_mode=wandb_mode)
+    return 0
+
+
+if __name__ == "__main__":
+    run_cli(main)

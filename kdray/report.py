@@ -1,0 +1,490 @@
+"""Report stage: turn a run directory into `results.json`, `report.md`, `plots/` and a final wandb run.
+
+Reads only what the earlier stages wrote (`config.yaml`, `best_config.yaml`,
+`search/trials.parquet`, `search/summary.json`, `search/optuna.db`, `final/final.json`), so a
+report can be rebuilt without training anything:
+
+    python -m kdray.report --run runs/NAME
+
+`results.json` follows `kdray/results.schema.json` (JSON Schema) and is checked against it
+before it is written.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import yaml
+
+from kdray import metrics as M
+from kdray.errors import UserError, run_cli
+
+SCHEMA_PATH = Path(__file__).resolve().parent / "results.schema.json"
+SCHEMA_ID = "kdray-results/1"
+PLOTS = {
+    "pareto": "validation accuracy vs trainable parameters of every trial",
+    "importances": "Optuna parameter importances (fANOVA) on validation accuracy",
+    "curves": "validation accuracy per epoch of every trial",
+    "confusion": "test confusion matrices, teacher and student",
+    "latency_size": "latency at batch 1 and size, every benchmarked model",
+}
+
+
+def wandb_mode_of(arg: str | None) -> str:
+    """`--wandb` as given, else online with `WANDB_API_KEY` set, else offline."""
+    return arg or ("online" if os.environ.get("WANDB_API_KEY") else "offline")
+
+
+# ----------------------------------------------------------------------------- results.json
+
+
+def build_results(run_dir: Path) -> dict[str, Any]:
+    """Everything the report shows, as plain data (validated against the schema)."""
+    import importlib.metadata as md
+
+    import pyarrow.parquet as pq
+
+    cfg = yaml.safe_load((run_dir / "config.yaml").read_text())
+    best = yaml.safe_load((run_dir / "best_config.yaml").read_text())
+    final = json.loads((run_dir / "final" / "final.json").read_text())
+    rows = pq.read_table(run_dir / "search" / "trials.parquet").to_pylist()
+    summary_file = run_dir / "search" / "summary.json"
+    summary = json.loads(summary_file.read_text()) if summary_file.is_file() else {}
+    bench, variants = final["benchmark"], final["variants"]
+
+    def version(pkg: str) -> str:
+        try:
+            return md.version(pkg)
+        except md.PackageNotFoundError:
+            return "unknown"
+
+    comparison: dict[str, Any] = {}
+    t, s = bench["teacher"], bench["student"]
+    comparison["student_vs_teacher"] = {
+        "test_accuracy_drop_pt": 100 * (final["teacher"][M.TEST_ACCURACY] - variants["student"][M.TEST_ACCURACY]["mean"]),
+        "total_params_ratio": t["total_params"] / s["total_params"],
+        "size_ratio": t["size_mb"] / s["size_mb"],
+        "latency_speedup_p50": t["latency_ms_p50"] / s["latency_ms_p50"],
+        "throughput_ratio": s["throughput_per_s"] / t["throughput_per_s"],
+    }
+    for key, base in (("kd_vs_no_kd", "no_kd"), ("lora_vs_head_only", "head_only")):
+        if base in variants:
+            a, b = variants["student"][M.TEST_ACCURACY], variants[base][M.TEST_ACCURACY]
+            comparison[key] = {"test_accuracy_diff_pt": 100 * (a["mean"] - b["mean"]),
+                               "student_std_pt": None if a["std"] is None else 100 * a["std"],
+                               "baseline_std_pt": None if b["std"] is None else 100 * b["std"],
+                               "seeds": len(a["values"])}
+    if "head_only" in bench:
+        # The head-only student is the same architecture with no LoRA layers: a plain model.
+        comparison["merged_vs_plain_latency_ratio"] = s["latency_ms_p50"] / bench["head_only"]["latency_ms_p50"]
+    comparison["merge_max_abs_logit_diff"] = final["merge_max_abs_logit_diff"]
+
+    counts = {st: sum(r["status"] == st for r in rows) for st in ("completed", "stopped early", "failed")}
+    return {
+        "schema": SCHEMA_ID,
+        "run": {"name": cfg["name"], "budget": cfg["budget"], "seed": cfg["seed"],
+                "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+                "versions": {p: version(p) for p in ("kdray", "torch", "transformers", "peft", "ray", "optuna")},
+                "data": final["data"], "teacher_model": final["teacher"]["model"],
+                "student_model": cfg["student"]["name"] or f"inline {cfg['student']['config']['model_type']} config"},
+        "search": {"trials": len(rows), "completed": counts["completed"], "stopped_early": counts["stopped early"],
+                   "failed": counts["failed"], "rejected_over_budget": summary.get("rejected"),
+                   "seconds": summary.get("seconds"), "best": best,
+                   "trials_table": [{k: r[k] for k in ("trial_id", "alpha", "temperature", "learning_rate", "lora_r",
+                                                        "lora_alpha", "target_modules", "layers", M.TRAINABLE_PARAMS,
+                                                        "best_val_accuracy", "epochs_run", "status")}
+                                    for r in rows]},
+        "teacher": final["teacher"],
+        "final": {k: final[k] for k in ("seeds", "device", "device_type", "train_seconds", "seconds", "student_dir",
+                                        "adapter_dir")},
+        "variants": variants,
+        "benchmark": bench,
+        "comparison": comparison,
+        "error_analysis": final["error_analysis"],
+        "plots": {name: f"plots/{name}.png" for name in PLOTS},
+    }
+
+
+def validate(results: dict[str, Any]) -> None:
+    import jsonschema
+
+    jsonschema.validate(results, json.loads(SCHEMA_PATH.read_text()))
+
+
+# ----------------------------------------------------------------------------- plots
+
+
+def make_plots(run_dir: Path, results: dict[str, Any]) -> dict[str, str]:
+    """Write `plots/*.png`; returns name -> why a plot could not be drawn (empty when all were)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import pyarrow.parquet as pq
+
+    out = run_dir / "plots"
+    out.mkdir(exist_ok=True)
+    rows = pq.read_table(run_dir / "search" / "trials.parquet").to_pylist()
+    best = results["search"]["best"]
+    budget = results["run"]["budget"]
+    skipped: dict[str, str] = {}
+    colors = {"completed": "tab:blue", "stopped early": "tab:orange", "failed": "tab:red"}
+
+    # Pareto front: validation accuracy vs trainable parameters.
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    scored = [r for r in rows if r["best_val_accuracy"] is not None]
+    for status, color in colors.items():
+        pts = [r for r in scored if r["status"] == status]
+        if pts:
+            ax.scatter([r[M.TRAINABLE_PARAMS] for r in pts], [r["best_val_accuracy"] for r in pts], c=color,
+                       label=status, alpha=0.8)
+    front, top = [], -1.0
+    for r in sorted(scored, key=lambda r: (r[M.TRAINABLE_PARAMS], -r["best_val_accuracy"])):
+        if r["best_val_accuracy"] > top:
+            front.append(r)
+            top = r["best_val_accuracy"]
+    if front:
+        ax.step([r[M.TRAINABLE_PARAMS] for r in front], [r["best_val_accuracy"] for r in front], where="post",
+                c="gray", lw=1, label="Pareto front")
+    ax.axvline(budget, c="red", ls="--", label=f"budget {budget:,}")
+    ax.scatter([best[M.TRAINABLE_PARAMS]], [best["best_val_accuracy"]], marker="*", s=300, c="gold",
+               edgecolors="black", zorder=5, label="chosen")
+    ax.set_xscale("log")
+    ax.set_xlabel("trainable parameters (log scale)")
+    ax.set_ylabel("best validation accuracy")
+    ax.set_title("Search: accuracy vs trainable parameters")
+    ax.legend(fontsize=8)
+    _save(fig, out / "pareto.png")
+
+    # Parameter importances (fANOVA) on the trials that trained.
+    try:
+        importances = param_importances(run_dir, results["run"]["name"], results["run"]["seed"])
+        fig, ax = plt.subplots(figsize=(7, 0.35 * len(importances) + 1.5))
+        names = list(importances)[::-1]
+        ax.barh(names, [importances[n] for n in names], color="tab:blue")
+        ax.set_xlabel("importance for validation accuracy (fANOVA)")
+        ax.set_title(f"Optuna parameter importances ({sum(r['best_val_accuracy'] is not None for r in rows)} trials)")
+        _save(fig, out / "importances.png")
+    except (ValueError, RuntimeError) as e:
+        skipped["importances"] = str(e)
+        _placeholder(plt, out / "importances.png", f"no importances: {e}")
+
+    # Validation curves per trial.
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for r in rows:
+        acc = r["val_accuracy_per_epoch"]
+        if not acc:
+            continue
+        color = colors.get(r["status"], "gray")
+        lw = 2.5 if r["trial_id"] == best["trial_id"] else 1
+        ax.plot(range(1, len(acc) + 1), acc, marker="o", c=color, lw=lw, alpha=0.8)
+        if r["status"] == "stopped early":
+            ax.scatter([len(acc)], [acc[-1]], marker="x", s=80, c="black", zorder=5)
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("validation accuracy")
+    ax.set_title("Validation curves (orange + x: stopped early by ASHA; thick: chosen)")
+    _save(fig, out / "curves.png")
+
+    # Confusion matrices: teacher and chosen student on test.
+    names = results["run"]["data"]["label_names"]
+    chosen = results["variants"]["student"]["chosen_seed"]
+    s_cm = next(r for r in results["variants"]["student"]["runs"] if r["seed"] == chosen)["confusion"]
+    fig, axes = plt.subplots(1, 2, figsize=(4 + 1.2 * len(names) * 2, 2.5 + 0.9 * len(names)))
+    for ax, (title, cm) in zip(axes, (("teacher", results["teacher"]["confusion"]), ("student", s_cm))):
+        cm = np.asarray(cm)
+        ax.imshow(cm, cmap="Blues")
+        for i in range(cm.shape[0]):
+            for j in range(cm.shape[1]):
+                ax.text(j, i, str(cm[i, j]), ha="center", va="center",
+                        color="white" if cm[i, j] > cm.max() / 2 else "black")
+        ax.set_xticks(range(len(names)), names, rotation=30, ha="right")
+        ax.set_yticks(range(len(names)), names)
+        ax.set_xlabel("predicted")
+        ax.set_ylabel("true")
+        ax.set_title(f"{title} (test)")
+    _save(fig, out / "confusion.png")
+
+    # Latency and size.
+    bench = results["benchmark"]
+    models = list(bench)
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 4))
+    p50 = [bench[m]["latency_ms_p50"] for m in models]
+    p95 = [bench[m]["latency_ms_p95"] for m in models]
+    x = np.arange(len(models))
+    a1.bar(x - 0.2, p50, 0.4, label="p50")
+    a1.bar(x + 0.2, p95, 0.4, label="p95")
+    a1.set_xticks(x, models, rotation=25, ha="right")
+    a1.set_ylabel("ms per example (batch 1)")
+    a1.set_title(f"latency on {results['final']['device_type']}")
+    a1.legend()
+    a2.bar(x, [bench[m]["size_mb"] for m in models], color="tab:green")
+    a2.set_xticks(x, models, rotation=25, ha="right")
+    a2.set_ylabel("MB (safetensors)")
+    a2.set_title("size")
+    _save(fig, out / "latency_size.png")
+    return skipped
+
+
+def param_importances(run_dir: Path, study_name: str, seed: int) -> dict[str, float]:
+    """fANOVA importances over the trials that trained (over-budget rejections left out)."""
+    import optuna
+
+    from kdray.search import REJECTED_ATTR
+
+    storage = f"sqlite:///{run_dir / 'search' / 'optuna.db'}"
+    study = optuna.load_study(study_name=study_name, storage=storage)
+    trained = [t for t in study.get_trials(deepcopy=False, states=[optuna.trial.TrialState.COMPLETE])
+               if not t.user_attrs.get(REJECTED_ATTR)]
+    if len(trained) < 2:
+        raise ValueError(f"{len(trained)} trained trial(s); importances need at least 2")
+    clean = optuna.create_study(direction=study.direction)
+    clean.add_trials(trained)
+    evaluator = optuna.importance.FanovaImportanceEvaluator(seed=seed)
+    return optuna.importance.get_param_importances(clean, evaluator=evaluator)
+
+
+def _save(fig: Any, path: Path) -> None:
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    import matplotlib.pyplot as plt
+
+    plt.close(fig)
+
+
+def _placeholder(plt: Any, path: Path, text: str) -> None:
+    fig, ax = plt.subplots(figsize=(7, 2))
+    ax.axis("off")
+    ax.text(0.5, 0.5, text, ha="center", va="center", wrap=True)
+    _save(fig, path)
+
+
+# ----------------------------------------------------------------------------- report.md
+
+
+def _pm(stat: dict[str, Any], scale: float = 100, digits: int = 1) -> str:
+    if stat["std"] is None:
+        return f"{scale * stat['mean']:.{digits}f}"
+    return f"{scale * stat['mean']:.{digits}f} ± {scale * stat['std']:.{digits}f}"
+
+
+def _pt(x: float | None) -> str:
+    return "n/a" if x is None else f"{x:+.1f} pt"
+
+
+def render_markdown(results: dict[str, Any], skipped: dict[str, str]) -> str:
+    run, search, teacher = results["run"], results["search"], results["teacher"]
+    variants, bench, cmp_ = results["variants"], results["benchmark"], results["comparison"]
+    best, fin = search["best"], results["final"]
+    st = cmp_["student_vs_teacher"]
+    s_acc = variants["student"][M.TEST_ACCURACY]
+    lines = [
+        f"# kdray report: {run['name']}",
+        "",
+        f"Data: {run['data']['description']}. Teacher: {run['teacher_model']}. Student: {run['student_model']}, "
+        f"budget {run['budget']:,} trainable parameters.",
+        "",
+        f"**The student keeps {100 * s_acc['mean']:.1f}% test accuracy against the teacher's "
+        f"{100 * teacher[M.TEST_ACCURACY]:.1f}% ({-st['test_accuracy_drop_pt']:+.1f} pt), with "
+        f"{best[M.TRAINABLE_PARAMS]:,} trainable parameters ({100 * best[M.TRAINABLE_PARAMS] / run['budget']:.1f}% of "
+        f"the budget), {st['total_params_ratio']:.1f}x fewer parameters in all, {st['size_ratio']:.1f}x smaller on "
+        f"disk and {st['latency_speedup_p50']:.2f}x faster at batch 1 on {fin['device']}.**",
+        "",
+        "Selection used the validation split only; the test split was read once, by the final stage. "
+        f"Test figures of the retrained models are mean ± std over {fin['seeds']} seed(s).",
+        "",
+        "## Search",
+        "",
+        f"{search['trials']} trials trained ({search['completed']} completed, {search['stopped_early']} stopped early "
+        f"by ASHA, {search['failed']} failed)"
+        + (f"; {search['rejected_over_budget']} sampled configurations were over budget and rejected before training"
+           if search["rejected_over_budget"] is not None else "")
+        + (f"; {search['seconds']:.0f} s" if search["seconds"] is not None else "") + ".",
+        "",
+        f"Best (validation accuracy {best['best_val_accuracy']:.4f}): alpha {best['train']['alpha']:.3f}, "
+        f"T {best['train']['temperature']:.2f}, learning rate {best['train']['learning_rate']:.2e}, "
+        f"{best['train']['epochs']} epoch(s), LoRA r {best['student']['lora']['r']}, "
+        f"alpha {best['student']['lora']['alpha']:g}, dropout {best['student']['lora']['dropout']:.2f}, modules "
+        f"{','.join(best['student']['lora']['target_modules'])}, layers "
+        f"{best['student']['lora']['layers'] if best['student']['lora']['layers'] is not None else 'all'}.",
+        "",
+        "| trial | alpha | T | lr | r | modules | layers | trainable params | best val acc | epochs | status |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in sorted(search["trials_table"], key=lambda r: -(r["best_val_accuracy"] or 0)):
+        acc = "n/a" if r["best_val_accuracy"] is None else f"{r['best_val_accuracy']:.4f}"
+        mark = " **(chosen)**" if r["trial_id"] == best["trial_id"] else ""
+        lines.append(f"| {r['trial_id']}{mark} | {r['alpha']:.2f} | {r['temperature']:.2f} | {r['learning_rate']:.1e} "
+                     f"| {r['lora_r']} | {r['target_modules']} | {r['layers']} | {r[M.TRAINABLE_PARAMS]:,} | {acc} "
+                     f"| {r['epochs_run']} | {r['status']} |")
+    lines += ["", "![Pareto front](plots/pareto.png)", "", "![Validation curves](plots/curves.png)", ""]
+    if "importances" in skipped:
+        lines += [f"Parameter importances: not computed ({skipped['importances']}).", ""]
+    else:
+        lines += ["![Parameter importances](plots/importances.png)", ""]
+
+    lines += [
+        "## Teacher vs student vs baselines",
+        "",
+        f"Test split: {run['data']['sizes']['test']:,} examples. Latency: batch 1, p50/p95 over "
+        f"{bench['student']['latency_runs']} runs after warm-up; throughput: the whole test split at batch "
+        f"{bench['student']['throughput_batch_size']}; memory: {bench['student']['memory_kind'].replace('_', ' ')}; "
+        f"device: {fin['device']}.",
+        "",
+        "| model | trainable params | total params | size MB | test acc % | macro-F1 % | precision % | recall % "
+        "| p50 ms | p95 ms | examples/s | peak mem MB |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for name, b in bench.items():
+        if name == "teacher":
+            trainable = b["total_params"]  # fully fine-tuned
+            acc, f1, pr, rc = (f"{100 * teacher[k]:.1f}" for k in (M.TEST_ACCURACY, M.TEST_F1, M.TEST_PRECISION,
+                                                                     M.TEST_RECALL))
+        else:
+            v = variants["student" if name.startswith("student") else name]
+            trainable = v[M.TRAINABLE_PARAMS]
+            acc, f1, pr, rc = (_pm(v[k]) for k in (M.TEST_ACCURACY, M.TEST_F1, M.TEST_PRECISION, M.TEST_RECALL))
+        lines.append(f"| {name} | {trainable:,} | {b['total_params']:,} | {b['size_mb']:.1f} | {acc} | {f1} | {pr} | "
+                     f"{rc} | {b['latency_ms_p50']:.2f} | {b['latency_ms_p95']:.2f} | {b['throughput_per_s']:.0f} | "
+                     f"{b['peak_memory_mb']:.0f} |")
+    lines += [
+        "",
+        "The merged and unmerged student are the same weights: their test accuracy is the chosen seed's "
+        "row of the student (the table shows the student's mean over seeds for both).",
+        f"Merged vs unmerged logits on the test split differ by at most {cmp_['merge_max_abs_logit_diff']:.1e}.",
+    ]
+    if "merged_vs_plain_latency_ratio" in cmp_:
+        lines.append(f"Merged student latency / plain model of the same architecture (head-only baseline): "
+                     f"{cmp_['merged_vs_plain_latency_ratio']:.3f} (LoRA costs nothing once merged); unmerged / merged: "
+                     f"{bench['student_unmerged']['latency_ms_p50'] / bench['student']['latency_ms_p50']:.3f}.")
+    lines += ["", "![Latency and size](plots/latency_size.png)", "", "### Did distillation and LoRA earn their keep?", ""]
+    for key, what, claim in (("kd_vs_no_kd", "KD vs no KD (alpha = 1)", "seed 001: +1.4 pt on IMDb"),
+                             ("lora_vs_head_only", "LoRA vs frozen encoder + head", "seed 003: +6.4 pt on SST-2")):
+        if key not in cmp_:
+            continue
+        c = cmp_[key]
+        spread = ("" if c["student_std_pt"] is None else
+                  f" (seed std {c['student_std_pt']:.1f} pt vs {c['baseline_std_pt']:.1f} pt)")
+        verdict = "yes" if c["test_accuracy_diff_pt"] > 0 else "no"
+        lines.append(f"- {what}: {_pt(c['test_accuracy_diff_pt'])} test accuracy over {c['seeds']} seed(s){spread} "
+                     f"-> {verdict} ({claim}).")
+    lines += ["", "Per seed (validation accuracy decides which seed ships):", "",
+              "| model | seed | val acc | test acc | test macro-F1 |", "|---|---|---|---|---|"]
+    for name, v in variants.items():
+        for r in v["runs"]:
+            mark = " (shipped)" if name == "student" and r["seed"] == v["chosen_seed"] else ""
+            lines.append(f"| {name}{mark} | {r['seed']} | {r[M.VAL_ACCURACY]:.4f} | {r[M.TEST_ACCURACY]:.4f} | "
+                         f"{r[M.TEST_F1]:.4f} |")
+
+    ea = results["error_analysis"]
+    lines += [
+        "", "## Error analysis", "",
+        f"The shipped student misclassifies {ea['errors']} of {ea['test_examples']} test examples "
+        f"({100 * ea['error_rate']:.1f}%; the teacher {ea['teacher_errors']}). Buckets (a class pair's rate is among "
+        f"the examples of its true class):", "",
+        "| bucket | examples | student errors | student error rate | teacher error rate |", "|---|---|---|---|---|",
+    ]
+    for b in ea["buckets"]:
+        rate = "n/a" if b["error_rate"] is None else f"{100 * b['error_rate']:.1f}%"
+        trate = "n/a" if b["teacher_error_rate"] is None else f"{100 * b['teacher_error_rate']:.1f}%"
+        lines.append(f"| {b['bucket']} | {b['examples']} | {b['errors']} | {rate} | {trate} |")
+    lines += ["", "Most confident mistakes per bucket:", ""]
+    for b in ea["buckets"]:
+        if not b["shown"]:
+            continue
+        lines.append(f"**{b['bucket']}**")
+        lines.append("")
+        for e in b["shown"]:
+            text = e["text"].replace("|", "\\|").replace("\n", " ")
+            lines.append(f"- \"{text}\" — true {e['label']}, predicted {e['predicted']} ({e['probability']:.2f})")
+        lines.append("")
+    lines += ["![Confusion matrices](plots/confusion.png)", "", "## Files", "",
+              f"- `final/student/`: the merged student with its tokenizer; "
+              f"`transformers.pipeline(\"text-classification\", model=\"{fin['student_dir']}\")` loads it, "
+              f"`python -m kdray.predict --model {fin['student_dir']} \"some text\"` prints a label.",
+              "- `final/adapter/`: the chosen seed's unmerged PEFT adapter (LoRA + head).",
+              "- `results.json`: every number here (schema: `kdray/results.schema.json`); `search/trials.parquet`: "
+              "every trial; `final/predictions.parquet`: test predictions of student and teacher.",
+              f"- Versions: {', '.join(f'{k} {v}' for k, v in run['versions'].items())}.", ""]
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------- wandb
+
+
+def log_wandb(run_dir: Path, results: dict[str, Any], mode: str) -> str | None:
+    """A final run in the search's wandb group: the comparison as a `wandb.Table`, plots as images."""
+    if mode == "disabled":
+        return None
+    os.environ.setdefault("WANDB_SILENT", "true")
+    import wandb
+
+    name = results["run"]["name"]
+    run = wandb.init(project="kdray", group=name, name=f"{name}-final", job_type="final", dir=str(run_dir),
+                     mode=mode, config={"budget": results["run"]["budget"], "best": results["search"]["best"],
+                                        "seeds": results["final"]["seeds"]}, reinit="finish_previous")
+    columns = ["model", "trainable_params", "total_params", "size_mb", "test_accuracy", "test_accuracy_std",
+               "test_f1_macro", "latency_ms_p50", "latency_ms_p95", "throughput_per_s", "peak_memory_mb"]
+    table = wandb.Table(columns=columns)
+    for m, b in results["benchmark"].items():
+        if m == "teacher":
+            acc, std, f1, trainable = results["teacher"][M.TEST_ACCURACY], None, results["teacher"][M.TEST_F1], \
+                b["total_params"]
+        else:
+            v = results["variants"]["student" if m.startswith("student") else m]
+            acc, std, f1, trainable = v[M.TEST_ACCURACY]["mean"], v[M.TEST_ACCURACY]["std"], v[M.TEST_F1]["mean"], \
+                v[M.TRAINABLE_PARAMS]
+        table.add_data(m, trainable, b["total_params"], b["size_mb"], acc, std, f1, b["latency_ms_p50"],
+                       b["latency_ms_p95"], b["throughput_per_s"], b["peak_memory_mb"])
+    errors = wandb.Table(columns=["bucket", "examples", "errors", "error_rate", "teacher_error_rate"])
+    for b in results["error_analysis"]["buckets"]:
+        errors.add_data(b["bucket"], b["examples"], b["errors"], b["error_rate"], b["teacher_error_rate"])
+    images = {f"plots/{p}": wandb.Image(str(run_dir / rel), caption=PLOTS[p]) for p, rel in results["plots"].items()}
+    run.log({"comparison": table, "error_analysis": errors, **images})
+    run.summary.update({M.TEST_ACCURACY: results["variants"]["student"][M.TEST_ACCURACY]["mean"],
+                        "teacher/" + M.TEST_ACCURACY: results["teacher"][M.TEST_ACCURACY],
+                        M.TRAINABLE_PARAMS: results["search"]["best"][M.TRAINABLE_PARAMS],
+                        **{f"comparison/{k}": v for k, v in results["comparison"]["student_vs_teacher"].items()}})
+    run_id = run.id
+    run.finish()
+    return run_id
+
+
+# ----------------------------------------------------------------------------- the stage
+
+
+def write_report(run_dir: Path, *, wandb_mode: str = "offline") -> dict[str, Any]:
+    """Write `results.json`, `plots/`, `report.md` into `run_dir` and log the final wandb run."""
+    results = build_results(run_dir)
+    skipped = make_plots(run_dir, results)
+    results["plots_skipped"] = skipped
+    results["wandb"] = {"mode": wandb_mode, "run_id": log_wandb(run_dir, results, wandb_mode)}
+    validate(results)
+    (run_dir / "results.json").write_text(json.dumps(results, indent=2))
+    (run_dir / "report.md").write_text(render_markdown(results, skipped))
+    print(f"report: {run_dir / 'report.md'}, {run_dir / 'results.json'}, {run_dir / 'plots'}/")
+    return results
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m kdray.report", description=(
+        "Rebuild results.json, report.md and plots/ of a run whose final stage has run (trains nothing)."))
+    ap.add_argument("--run", required=True, help="run directory (runs/<name>/)")
+    ap.add_argument("--wandb", choices=["online", "offline", "disabled"],
+                    help="wandb mode of the final run (default: online with WANDB_API_KEY set, else offline)")
+    args = ap.parse_args(argv)
+    run_dir = Path(args.run).resolve()
+    if not (run_dir / "final" / "final.json").is_file():
+        raise UserError(f"--run {args.run}: no final stage in it (final/final.json). Fix: run "
+                        f"`python -m kdray.final --run {args.run}` first.")
+    write_report(run_dir, wandb_mode=wandb_mode_of(args.wandb))
+    return 0
+
+
+if __name__ == "__main__":
+    run_cli(main)

@@ -1,0 +1,181 @@
+"""The final stage and report on the smoke run: files, schema, pipeline, merge equivalence,
+baselines; error-analysis buckets by hand; `kdray.predict` and `kdray.final` on bad input."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+
+import jsonschema
+import numpy as np
+import pytest
+import torch
+import yaml
+
+from kdray import metrics as M
+from kdray.final import error_analysis
+from kdray.report import PLOTS, SCHEMA_PATH
+from tests.conftest import ROOT
+from tests.wandb_log import run_config
+
+
+def cli(module: str, *args: str, **kw) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", module, *args], capture_output=True, text=True, cwd=ROOT, **kw)
+
+
+def test_final_stage_writes_every_file_and_a_valid_results_json(smoke_run):
+    run = smoke_run
+    student = run / "final" / "student"
+    for rel in ("config.json", "model.safetensors", "tokenizer.json", "kdray.json"):
+        assert (student / rel).is_file(), rel
+    assert (run / "final" / "adapter" / "adapter_config.json").is_file()
+    for rel in ("final/final.json", "final/predictions.parquet", "results.json", "report.md"):
+        assert (run / rel).is_file(), rel
+    results = json.loads((run / "results.json").read_text())
+    jsonschema.validate(results, json.loads(SCHEMA_PATH.read_text()))
+    for name in PLOTS:
+        png = run / "plots" / f"{name}.png"
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 5_000, name
+    # Importances need trials that differ; a placeholder image says why when they do not.
+    assert set(results["plots_skipped"]) <= {"importances"}
+
+    report = (run / "report.md").read_text()
+    for name in PLOTS:
+        assert f"](plots/{name}.png)" in report
+    assert "| teacher |" in report and "| head_only |" in report and "## Error analysis" in report
+
+    # The final wandb run is in the search's group and holds the comparison table and the plots.
+    (final_run,) = (run / "wandb").glob(f"offline-run-*-{results['wandb']['run_id']}")
+    assert run_config(final_run)["budget"] == results["run"]["budget"]
+    logged = b"".join(p.read_bytes() for p in final_run.glob("files/media/**/*") if p.is_file())
+    assert logged.count(b"\x89PNG") == len(PLOTS)
+    (table,) = final_run.glob("files/media/table/comparison*.table.json")
+    table = json.loads(table.read_text())
+    assert [row[table["columns"].index("model")] for row in table["data"]] == list(results["benchmark"])
+
+
+def test_the_saved_student_loads_in_a_pipeline_and_equals_the_unmerged_one(smoke_run):
+    from peft import PeftModel
+    from transformers import AutoModelForSequenceClassification, pipeline
+
+    from kdray.config import load_config
+    from kdray.data import load_data, tokenize
+    from kdray.distill import Split, predict_logits
+    from kdray.models import build_model, load_tokenizer
+
+    run = smoke_run
+    results = json.loads((run / "results.json").read_text())
+    labels = results["run"]["data"]["label_names"]
+    classify = pipeline("text-classification", model=str(run / "final" / "student"))
+    out = classify(["a gripping, funny and moving film", "a dull mess"])
+    assert [o["label"] in labels for o in out] == [True, True] and all(0.0 <= o["score"] <= 1.0 for o in out)
+
+    # Merged (the saved student) vs unmerged (the base student + the saved PEFT adapter), on test.
+    cfg = load_config(run / "config.yaml")
+    task = load_data(cfg.data)
+    test = Split.from_dataset(tokenize(task, load_tokenizer(cfg.student), cfg.data.max_length)[0]["test"])
+    seed = results["variants"]["student"]["chosen_seed"]
+    base = build_model(cfg.student, task.num_labels, task.label_names, seed=seed)
+    unmerged = PeftModel.from_pretrained(base, run / "final" / "adapter").eval()
+    merged = AutoModelForSequenceClassification.from_pretrained(run / "final" / "student", dtype=torch.float32)
+    pad = load_tokenizer(cfg.student).pad_token_id
+    a = predict_logits(merged, test, 64, pad, torch.device("cpu"))
+    b = predict_logits(unmerged, test, 64, pad, torch.device("cpu"))
+    assert a.shape == (len(task.splits["test"]), 2)
+    assert np.abs(a - b).max() < 1e-4
+    assert results["comparison"]["merge_max_abs_logit_diff"] < 1e-4
+    # The shipped student's test accuracy is what the report says for its seed.
+    shipped = next(r for r in results["variants"]["student"]["runs"] if r["seed"] == seed)
+    assert shipped[M.TEST_ACCURACY] == pytest.approx(float((a.argmax(-1) == test.labels).mean()))
+
+
+def test_baselines_train_without_kd_and_with_a_frozen_encoder(smoke_run):
+    from kdray.budget import head_cost
+    from kdray.config import load_config
+
+    run = smoke_run
+    results = json.loads((run / "results.json").read_text())
+    best = yaml.safe_load((run / "best_config.yaml").read_text())
+    cfg = load_config(run / "config.yaml")
+    v = results["variants"]
+    assert set(v) == {"student", "no_kd", "head_only"}
+    assert v["student"][M.TRAINABLE_PARAMS] == v["no_kd"][M.TRAINABLE_PARAMS] == best[M.TRAINABLE_PARAMS]
+    assert v["head_only"][M.TRAINABLE_PARAMS] == head_cost(cfg.student, 2)
+    # What the Ray Train workers actually trained: alpha 1 for no_kd (its KD term is exactly 0),
+    # the best alpha for the others.
+    for trial in (run / "final" / "tune").glob("run_trial_*"):
+        case = json.loads((trial / "params.json").read_text())["case"]
+        rows = [json.loads(line) for line in (trial / "result.json").read_text().splitlines()]
+        assert len(rows) == case["epochs"]
+        assert rows[-1][M.TRAINABLE_PARAMS] == case[M.TRAINABLE_PARAMS]
+        if case["variant"] == "no_kd":
+            assert case["alpha"] == 1.0 and all(r[M.TRAIN_KD] == 0.0 for r in rows)
+        else:
+            assert case["alpha"] == best["train"]["alpha"] and all(r[M.TRAIN_KD] > 0.0 for r in rows)
+    b = results["benchmark"]
+    assert b["head_only"]["total_params"] == b["student"]["total_params"]  # same plain architecture once merged
+    assert b["student_unmerged"]["total_params"] > b["student"]["total_params"]  # LoRA factors and a head copy
+
+
+def test_rerunning_the_final_stage_alone(smoke_run, tmp_path):
+    from kdray.final import main
+
+    run = tmp_path / "smoke"
+    shutil.copytree(smoke_run, run, ignore=shutil.ignore_patterns("wandb"))
+    before = json.loads((run / "results.json").read_text())
+    (run / "final" / "student" / "model.safetensors").unlink()
+    assert main(["--run", str(run), "--wandb", "disabled"]) == 0
+    after = json.loads((run / "results.json").read_text())
+    assert (run / "final" / "student" / "model.safetensors").is_file()
+    assert after["wandb"] == {"mode": "disabled", "run_id": None}
+    assert after["search"]["best"] == before["search"]["best"]
+    # Same seeds, same data, same config: the retrained models come out the same.
+    for variant, v in before["variants"].items():
+        for old, new in zip(v["runs"], after["variants"][variant]["runs"]):
+            assert new["seed"] == old["seed"]
+            assert new["val_accuracy_per_epoch"] == pytest.approx(old["val_accuracy_per_epoch"], abs=1e-6)
+
+
+def test_error_analysis_buckets_by_hand():
+    texts = ["good", "not good at all", "bad", "a very long text that is not bad at all really",
+             "fine film", "it isn't great"]
+    labels = np.array([1, 1, 0, 1, 1, 0])
+    pred = np.array([1, 0, 0, 0, 1, 1])
+    prob = np.array([0.9, 0.8, 0.7, 0.95, 0.6, 0.55])
+    teacher = np.array([1, 1, 0, 0, 1, 0])
+    ea = error_analysis(texts, labels, pred, prob, teacher, ["neg", "pos"], per_bucket=1)
+    assert (ea["errors"], ea["teacher_errors"]) == (3, 1)
+    rows = {b["bucket"].split(" (")[0]: b for b in ea["buckets"]}
+    neg = rows["contains negation"]  # "not good at all", "... not bad at all ...", "it isn't great"
+    assert (neg["examples"], neg["errors"]) == (3, 3) and neg["teacher_error_rate"] == pytest.approx(1 / 3)
+    assert [e["text"] for e in neg["shown"]] == [texts[3]]  # the most confident mistake
+    assert (rows["no negation"]["examples"], rows["no negation"]["errors"]) == (3, 0)
+    pos_neg = rows["pos -> neg"]
+    assert (pos_neg["examples"], pos_neg["errors"], pos_neg["error_rate"]) == (4, 2, 0.5)
+    assert pos_neg["teacher_error_rate"] == 0.25
+    assert (rows["neg -> pos"]["examples"], rows["neg -> pos"]["errors"]) == (2, 1)
+
+
+def test_predict_cli_prints_labels_and_refuses_what_is_not_a_classifier(smoke_run, tmp_path):
+    student = smoke_run / "final" / "student"
+    r = cli("kdray.predict", "--model", str(student), "a gripping film", "a dull mess")
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.strip().splitlines()
+    assert len(lines) == 2 and all(line.split("\t")[0] in ("negative", "positive") for line in lines), r.stdout
+    r = cli("kdray.predict", "--model", str(student), input="one\n\ntwo\n")
+    assert r.returncode == 0 and len(r.stdout.strip().splitlines()) == 2, r.stdout + r.stderr
+
+    for bad, says in ((smoke_run / "final" / "adapter", "PEFT adapter"), (tmp_path, "no config.json"),
+                      (tmp_path / "missing", "no such directory")):
+        r = cli("kdray.predict", "--model", str(bad), "text")
+        assert r.returncode == 2 and says in r.stderr and "Traceback" not in r.stderr, r.stderr
+    (tmp_path / "config.json").write_text(json.dumps({"architectures": ["BertForMaskedLM"]}))
+    r = cli("kdray.predict", "--model", str(tmp_path), "text")
+    assert r.returncode == 2 and "not a text classifier" in r.stderr, r.stderr
+
+
+def test_final_cli_refuses_a_directory_without_a_search(tmp_path):
+    r = cli("kdray.final", "--run", str(tmp_path))
+    assert r.returncode == 2 and "not a finished search" in r.stderr and "Traceback" not in r.stderr, r.stderr
