@@ -159,7 +159,7 @@ def make_plots(run_dir: Path, results: dict[str, Any]) -> dict[str, str]:
     ax.set_xlabel("trainable parameters (log scale)")
     ax.set_ylabel("best validation accuracy")
     ax.set_title("Search: accuracy vs trainable parameters")
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=8, loc="best")
     _save(fig, out / "pareto.png")
 
     # Parameter importances (fANOVA) on the trials that trained.
@@ -176,19 +176,26 @@ def make_plots(run_dir: Path, results: dict[str, Any]) -> dict[str, str]:
         _placeholder(plt, out / "importances.png", f"no importances: {e}")
 
     # Validation curves per trial.
+    from matplotlib.lines import Line2D
+    from matplotlib.ticker import MaxNLocator
+
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for r in rows:
         acc = r["val_accuracy_per_epoch"]
         if not acc:
             continue
-        color = colors.get(r["status"], "gray")
-        lw = 2.5 if r["trial_id"] == best["trial_id"] else 1
-        ax.plot(range(1, len(acc) + 1), acc, marker="o", c=color, lw=lw, alpha=0.8)
+        chosen = r["trial_id"] == best["trial_id"]
+        ax.plot(range(1, len(acc) + 1), acc, marker="o", c="black" if chosen else colors.get(r["status"], "gray"),
+                lw=2.5 if chosen else 1, alpha=0.8, zorder=4 if chosen else 2)
         if r["status"] == "stopped early":
             ax.scatter([len(acc)], [acc[-1]], marker="x", s=80, c="black", zorder=5)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("epoch")
     ax.set_ylabel("validation accuracy")
-    ax.set_title("Validation curves (orange + x: stopped early by ASHA; thick: chosen)")
+    ax.set_title("Validation accuracy per epoch of every trial")
+    ax.legend(handles=[Line2D([], [], c=colors["completed"], marker="o", label="completed"),
+                       Line2D([], [], c=colors["stopped early"], marker="o", label="stopped early (x: ASHA)"),
+                       Line2D([], [], c="black", lw=2.5, marker="o", label="chosen")], fontsize=8, loc="best")
     _save(fig, out / "curves.png")
 
     # Confusion matrices: teacher and chosen student on test.
@@ -243,6 +250,7 @@ def param_importances(run_dir: Path, study_name: str, seed: int) -> dict[str, fl
                if not t.user_attrs.get(REJECTED_ATTR)]
     if len(trained) < 2:
         raise ValueError(f"{len(trained)} trained trial(s); importances need at least 2")
+    optuna.logging.set_verbosity(optuna.logging.WARNING)  # no "new study created in memory" line
     clean = optuna.create_study(direction=study.direction)
     clean.add_trials(trained)
     evaluator = optuna.importance.FanovaImportanceEvaluator(seed=seed)
@@ -275,6 +283,22 @@ def _pm(stat: dict[str, Any], scale: float = 100, digits: int = 1) -> str:
 
 def _pt(x: float | None) -> str:
     return "n/a" if x is None else f"{x:+.1f} pt"
+
+
+def _verdict(c: dict[str, Any]) -> str:
+    """Whether a difference of means stands out from the seed-to-seed spread: it is compared
+    with the standard error of the difference, sqrt((s1^2 + s2^2) / n)."""
+    diff = c["test_accuracy_diff_pt"]
+    if c["student_std_pt"] is None:
+        return f" -> {'yes' if diff > 0 else 'no'}, from a single seed (no spread to compare with)"
+    se = ((c["student_std_pt"] ** 2 + c["baseline_std_pt"] ** 2) / c["seeds"]) ** 0.5
+    spread = f" (seed std {c['student_std_pt']:.1f} vs {c['baseline_std_pt']:.1f} pt; standard error of the " \
+             f"difference {se:.1f} pt)"
+    if diff <= 0:
+        return spread + " -> no"
+    if diff <= se:
+        return spread + " -> not clearly: within the seed-to-seed spread"
+    return spread + f" -> yes, {diff / se:.1f} standard errors" if se > 0 else spread + " -> yes"
 
 
 def render_markdown(results: dict[str, Any], skipped: dict[str, str]) -> str:
@@ -368,11 +392,8 @@ def render_markdown(results: dict[str, Any], skipped: dict[str, str]) -> str:
         if key not in cmp_:
             continue
         c = cmp_[key]
-        spread = ("" if c["student_std_pt"] is None else
-                  f" (seed std {c['student_std_pt']:.1f} pt vs {c['baseline_std_pt']:.1f} pt)")
-        verdict = "yes" if c["test_accuracy_diff_pt"] > 0 else "no"
-        lines.append(f"- {what}: {_pt(c['test_accuracy_diff_pt'])} test accuracy over {c['seeds']} seed(s){spread} "
-                     f"-> {verdict} ({claim}).")
+        lines.append(f"- {what}: {_pt(c['test_accuracy_diff_pt'])} test accuracy, mean over {c['seeds']} seed(s)"
+                     f"{_verdict(c)} ({claim}).")
     lines += ["", "Per seed (validation accuracy decides which seed ships):", "",
               "| model | seed | val acc | test acc | test macro-F1 |", "|---|---|---|---|---|"]
     for name, v in variants.items():
