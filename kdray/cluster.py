@@ -8,6 +8,7 @@ waits forever (shared RAY_NOTES.md). `address` / `$RAY_ADDRESS` joins an existin
 
 from __future__ import annotations
 
+import json
 import os
 import uuid
 from collections.abc import Callable
@@ -25,7 +26,10 @@ def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
         return
     forwarded = ("WANDB_MODE", "WANDB_API_KEY", "WANDB_SILENT", "KDRAY_CACHE", "HF_HOME", "TRANSFORMERS_VERBOSITY",
                  "HF_HUB_DISABLE_PROGRESS_BARS")
-    env = {k: os.environ[k] for k in forwarded if k in os.environ}
+    # Under `ray job submit` the job's own runtime env already reaches every worker, and Ray
+    # refuses a driver runtime env that sets one of its variables again.
+    job_env = json.loads(os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR", "{}")).get("runtime_env", {}) or {}
+    env = {k: os.environ[k] for k in forwarded if k in os.environ and k not in job_env.get("env_vars", {})}
     runtime_env = {"env_vars": env} if env else None
     address = address or os.environ.get("RAY_ADDRESS")
     if address:
@@ -97,11 +101,41 @@ def worker_context() -> tuple[int, int, Any]:
 
 
 def ray_report(metrics: dict, checkpoint_dir: str | None) -> None:
-    """The `report` callable the loops take, for a Ray Train worker."""
+    """The `report` callable the loops take, for a Ray Train worker. Adds the worker's Ray node
+    id (`node_id`: where the trial trained, which Tune's own `node_ip` is not)."""
+    import ray
     import ray.train
 
     ckpt = ray.train.Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir is not None else None
-    ray.train.report(metrics, checkpoint=ckpt)
+    ray.train.report({**metrics, NODE_ID: ray.get_runtime_context().get_node_id()}, checkpoint=ckpt)
+
+
+NODE_ID = "node_id"
+
+
+def storage_root(cfg: Any, run_dir: Path) -> str:
+    """Where Ray writes this run's experiments and checkpoints: `<storage_path>/<name>`, or the
+    run directory when no `storage_path` is set (one machine)."""
+    if cfg.storage_path is None:
+        return str(run_dir)
+    return f"{cfg.storage_path.rstrip('/')}/{cfg.name}"
+
+
+def storage_join(root: str, *parts: str) -> str:
+    """`root/part/...` for a local path or a URI alike."""
+    return "/".join([root.rstrip("/"), *parts])
+
+
+def warn_if_storage_is_local(cfg: Any) -> None:
+    """On a cluster of several nodes, checkpoints written to a local path stay on the node that
+    wrote them: a retried trial could not resume and the final stage could not load them."""
+    import ray
+
+    nodes = [n for n in ray.nodes() if n.get("Alive")]
+    if len(nodes) > 1 and cfg.storage_path is None:
+        print(f"warning: {len(nodes)} Ray nodes and no --storage-path: trial checkpoints go to the run directory "
+              f"on whichever node trains, which only works if every node shares this file system. Fix: "
+              f"--storage-path s3://BUCKET/PREFIX (or a path every node mounts).", flush=True)
 
 
 def prepare_model(model: Any) -> Any:

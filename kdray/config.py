@@ -251,6 +251,10 @@ class RunConfig:
     space: SpaceConfig = field(default_factory=SpaceConfig)
     search: SearchConfig = field(default_factory=SearchConfig)
     final: FinalConfig = field(default_factory=FinalConfig)
+    storage_path: str | None = None
+    """Where Ray Tune and Ray Train write experiments and trial checkpoints, under `<name>/`: a
+    URI (`s3://bucket/kdray`) or a path every node mounts. Unset: the run directory, which only
+    one machine sees."""
     cache_dir: str | None = None
     """Cache of tokenized data, teachers and logits; unset: `$KDRAY_CACHE` or `~/.cache/kdray`."""
     source_file: str | None = None
@@ -340,6 +344,8 @@ def to_dict(cfg: Any) -> dict:
 
 
 def _absolutize_paths(cfg: RunConfig) -> None:
+    if cfg.storage_path is not None and "://" not in cfg.storage_path:
+        cfg.storage_path = str(Path(os.path.expandvars(cfg.storage_path)).expanduser().resolve())
     d = cfg.data
     for attr in ("train_file", "validation_file", "test_file"):
         v = getattr(d, attr)

@@ -95,15 +95,17 @@ def final_cases(cfg: RunConfig, best: dict[str, Any], n_layers: int, num_labels:
     return cases
 
 
-def train_cases(cfg: RunConfig, job: Any, data: Any, cases: list[dict], final_dir: Path,
+def train_cases(cfg: RunConfig, job: Any, data: Any, cases: list[dict], storage: str,
                 n_layers: int) -> list[tuple[dict, str]]:
-    """Train every case as a Tune trial of the search's trainable; `(case, last checkpoint path)`."""
+    """Train every case as a Tune trial of the search's trainable (Tune experiment and Train
+    checkpoints under `storage`); returns `(case, last checkpoint path)` per case."""
     import ray
     from ray import tune
 
+    from kdray.cluster import storage_join
     from kdray.search import TRIAL_DRIVER_CPU, fit_resources, progress_callback, run_trial
 
-    refs = {"job": job, "data": ray.put(data), "n_layers": n_layers, "storage": str(final_dir / "train"),
+    refs = {"job": job, "data": ray.put(data), "n_layers": n_layers, "storage": storage_join(storage, "train"),
             "resources": fit_resources(cfg), "max_failures": cfg.search.max_failures}
     trainable = tune.with_resources(tune.with_parameters(run_trial, refs=refs), {"cpu": TRIAL_DRIVER_CPU})
     progress = progress_callback(n_layers, label=lambda t: f"{t.config['case']['variant']}/s{t.config['case']['seed']}")
@@ -111,7 +113,7 @@ def train_cases(cfg: RunConfig, job: Any, data: Any, cases: list[dict], final_di
         trainable,
         param_space={"case": tune.grid_search(cases)},
         tune_config=tune.TuneConfig(max_concurrent_trials=cfg.search.concurrency),
-        run_config=tune.RunConfig(name="tune", storage_path=str(final_dir), callbacks=[progress], verbose=0,
+        run_config=tune.RunConfig(name="tune", storage_path=storage, callbacks=[progress], verbose=0,
                                   failure_config=tune.FailureConfig(max_failures=cfg.search.max_failures)),
     )
     out = []
@@ -342,6 +344,7 @@ def run_final(cfg: RunConfig, task: Any, run_dir: Path, n_layers: int, *, seeds:
     import yaml
     from transformers import AutoModelForSequenceClassification
 
+    from kdray.cluster import storage_join, storage_root
     from kdray.data import tokenize
     from kdray.distill import Split, distill_inputs, predict_logits
     from kdray.models import from_pretrained_dir, load_tokenizer
@@ -355,14 +358,15 @@ def run_final(cfg: RunConfig, task: Any, run_dir: Path, n_layers: int, *, seeds:
         print(f"final: replacing the earlier final stage in {final_dir}")
         shutil.rmtree(final_dir)
     final_dir.mkdir(parents=True)
-    teacher = prepare_teacher(cfg, task, storage_path=run_dir / "train")
+    storage = storage_join(storage_root(cfg, run_dir), FINAL_DIR)
+    teacher = prepare_teacher(cfg, task, storage_path=storage_join(storage_root(cfg, run_dir), "train"))
     train = dataclasses.replace(cfg.train, alpha=float(best["train"]["alpha"]))
     job, data = distill_inputs(cfg, task, teacher, train=train)
     cases = final_cases(cfg, best, n_layers, task.num_labels, seeds)
     print(f"final: retraining the best configuration with {seeds} seed(s)"
           f"{' beside the no-KD and head-only baselines' if cfg.final.baselines else ''}: {len(cases)} runs")
     t0 = time.perf_counter()
-    trained = train_cases(cfg, job, data, cases, final_dir, n_layers)
+    trained = train_cases(cfg, job, data, cases, storage, n_layers)
     train_seconds = time.perf_counter() - t0
 
     # The test split is read here and nowhere else.

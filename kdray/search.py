@@ -24,7 +24,7 @@ from ray.tune.search.optuna import OptunaSearch
 
 from kdray import metrics as M
 from kdray.budget import count, head_cost, rank_limit, require_feasible
-from kdray.cluster import add_cluster_arguments
+from kdray.cluster import NODE_ID, add_cluster_arguments
 from kdray.config import LoraChoice, RunConfig, SpaceConfig, StudentConfig, add_space_arguments, load_config, to_dict
 from kdray.errors import UserError, run_cli
 from kdray.report import wandb_mode_of
@@ -236,7 +236,7 @@ def trial_rows(results: Any, budget: int, n_layers: int) -> list[dict[str, Any]]
             "best_val_accuracy": max(accuracy) if accuracy else None,
             "epochs_run": epochs_run, "status": status,
             "wall_time_s": float(last.get("time_total_s", float("nan"))),
-            "node": last.get("node_ip") or last.get("hostname"),
+            "node": last.get(NODE_ID),
         })
     return rows
 
@@ -315,10 +315,10 @@ def wandb_callback(mode: str, cfg: RunConfig, run_dir: Path) -> Any:
     (run_dir / "wandb").mkdir(parents=True, exist_ok=True)
     # upload_timeout: the default 1800 s would hold Ctrl-C for half an hour (RAY_NOTES.md).
     return WandbLoggerCallback(project="kdray", group=cfg.name, upload_timeout=60, dir=str(run_dir),
-                               excludes=["feasible"])
+                               excludes=["feasible", NODE_ID])
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="python -m kdray.search", description=(
         "Search for the best distilled LoRA student within a trainable-parameter budget: Ray Tune + "
         "Optuna (TPE) + ASHA, each trial a Ray Train distillation. Over-budget configurations never train."))
@@ -328,18 +328,27 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--trials", type=int, help="number of trials that train (overrides search.trials)")
     ap.add_argument("--name", help="run name: the directory <output-dir>/<name>/ and the wandb group")
     ap.add_argument("--output-dir", default="runs", help="parent of the run directory (default: ./runs)")
+    ap.add_argument("--storage-path", help="where Ray writes the Tune experiment and trial checkpoints on a "
+                    "cluster: s3://BUCKET/PREFIX or a path every node mounts (default: the run directory)")
     ap.add_argument("--resume", action="store_true", help="continue the killed search of this run name")
     add_cluster_arguments(ap, workers=False)
     ap.add_argument("--wandb", choices=["online", "offline", "disabled"],
                     help="wandb mode (default: online with WANDB_API_KEY set, else offline)")
     ap.add_argument("--no-final", action="store_true",
                     help="stop after the search (later: python -m kdray.final --run runs/<name>)")
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = build_parser()
     args = ap.parse_args(argv)
     overrides = list(args.overrides)
     if args.trials is not None:
         overrides.append(f"search.trials={args.trials}")
     if args.name is not None:
         overrides.append(f"name={args.name}")
+    if args.storage_path is not None:
+        overrides.append(f"storage_path={args.storage_path}")
     cfg = load_config(args.space, overrides, budget=args.budget)
     if cfg.budget is None:
         raise UserError("no budget. Fix: --budget 1e6 (trainable parameters), or `budget:` in the space.",
@@ -350,9 +359,9 @@ def main(argv: list[str] | None = None) -> int:
     wandb_mode = wandb_mode_of(args.wandb)
     run_dir = Path(args.output_dir).resolve() / cfg.name
     search_dir = run_dir / "search"
-    if args.resume and not (search_dir / "tuner.pkl").is_file():
+    if args.resume and not (search_dir / "optuna.db").is_file():
         raise UserError(f"--resume: no search to resume in {search_dir}. Fix: drop --resume, or pass the "
-                        f"--name/--output-dir of the killed run.")
+                        f"--name/--output-dir/--storage-path of the killed run.")
     if not args.resume and search_dir.exists():
         raise UserError(f"{search_dir} already holds a search. Fix: --resume to continue it, or --name NEW.")
 
@@ -397,7 +406,7 @@ def run_search(cfg: RunConfig, task: Any, run_dir: Path, n_layers: int, *, resum
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
 
-    from kdray.cluster import init_ray
+    from kdray.cluster import init_ray, storage_join, storage_root, warn_if_storage_is_local
     from kdray.distill import distill_inputs
     from kdray.teacher import prepare_teacher
 
@@ -407,9 +416,11 @@ def run_search(cfg: RunConfig, task: Any, run_dir: Path, n_layers: int, *, resum
     (run_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
     wb = wandb_callback(wandb_mode, cfg, run_dir)
     init_ray(address)
-    teacher = prepare_teacher(cfg, task, storage_path=run_dir / "train")
+    warn_if_storage_is_local(cfg)
+    storage = storage_root(cfg, run_dir)
+    teacher = prepare_teacher(cfg, task, storage_path=storage_join(storage, "train"))
     job, data = distill_inputs(cfg, task, teacher)
-    refs = {"job": job, "data": ray.put(data), "n_layers": n_layers, "storage": str(run_dir / "train"),
+    refs = {"job": job, "data": ray.put(data), "n_layers": n_layers, "storage": storage_join(storage, "train"),
             "resources": fit_resources(cfg), "max_failures": cfg.search.max_failures}
     # The trial's own process holds almost nothing: its Train workers need the CPUs (RAY_NOTES.md).
     trainable = tune.with_resources(tune.with_parameters(run_trial, refs=refs), {"cpu": TRIAL_DRIVER_CPU})
@@ -422,7 +433,7 @@ def run_search(cfg: RunConfig, task: Any, run_dir: Path, n_layers: int, *, resum
     # trial finished must not run that trial again on --resume.
     os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "0")
     if resume:
-        tuner = tune.Tuner.restore(str(run_dir / "search"), trainable=trainable, resume_errored=True)
+        tuner = tune.Tuner.restore(storage_join(storage, "search"), trainable=trainable, resume_errored=True)
     else:
         space = BudgetedSpace(cfg.space, cfg.student, task.num_labels, cfg.budget, n_layers)
         scheduler = ASHAScheduler(time_attr=M.EPOCHS_DONE, max_t=max(cfg.space.epochs),
@@ -432,7 +443,7 @@ def run_search(cfg: RunConfig, task: Any, run_dir: Path, n_layers: int, *, resum
             tune_config=tune.TuneConfig(metric=METRIC, mode=MODE, search_alg=make_searcher(cfg, space, storage_url),
                                         scheduler=scheduler, num_samples=cfg.search.trials,
                                         max_concurrent_trials=cfg.search.concurrency),
-            run_config=tune.RunConfig(name="search", storage_path=str(run_dir), callbacks=callbacks, verbose=0,
+            run_config=tune.RunConfig(name="search", storage_path=storage, callbacks=callbacks, verbose=0,
                                       failure_config=tune.FailureConfig(max_failures=cfg.search.max_failures)),
         )
     grid = tuner.fit()
@@ -451,19 +462,23 @@ def fit_resources(cfg: RunConfig) -> Any:
 
     Each trial's driver takes 0.01 CPU on top of its workers, so on 2 CPUs two trials of one
     1-CPU worker need 2.02 and the second waits forever for its worker group. Shave the
-    workers' share (0.99 CPU still runs one thread) rather than oversubscribe the machine.
+    workers' share (0.98 CPU still runs one thread) rather than oversubscribe the machine. The
+    share leaves room on one node for every trial's driver: Ray tends to place the small driver
+    actors together (on two 1-CPU nodes, both drivers on one node would leave 0.98 CPU there).
     """
     import ray
 
     res = cfg.resources
     total = ray.cluster_resources().get("CPU", 0.0)
-    need = cfg.search.concurrency * (res.workers * res.cpus_per_worker + TRIAL_DRIVER_CPU)
+    n = cfg.search.concurrency
+    need = n * (res.workers * res.cpus_per_worker + TRIAL_DRIVER_CPU)
     if res.gpus_per_worker > 0 or total <= 0 or need <= total:
         return res
-    share = int((total / cfg.search.concurrency - TRIAL_DRIVER_CPU) / res.workers * 100) / 100
+    largest = max(node["Resources"].get("CPU", 0.0) for node in ray.nodes() if node.get("Alive"))
+    share = int((min(total / n, largest) - n * TRIAL_DRIVER_CPU) / res.workers * 100) / 100
     if share < 0.5:
         return res  # far too small a cluster for this concurrency: trials will queue
-    print(f"resources: {cfg.search.concurrency} trials x ({res.workers} x {res.cpus_per_worker:g} CPU + "
+    print(f"resources: {n} trials x ({res.workers} x {res.cpus_per_worker:g} CPU + "
           f"{TRIAL_DRIVER_CPU} for the trial) exceed the cluster's {total:g} CPUs; using {share:g} CPU per worker")
     return dataclasses.replace(res, cpus_per_worker=share)
 

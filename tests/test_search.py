@@ -81,7 +81,7 @@ def test_smoke_search_with_concurrency_two_on_two_cpus(ray_cluster, smoke_run):
         assert values[M.TRAINABLE_PARAMS] == row[M.TRAINABLE_PARAMS] and values["alpha"] == row["alpha"]
 
 
-def test_kill_after_first_completed_trial_then_resume(ray_cluster, tmp_path):
+def test_kill_after_first_completed_trial_then_resume_and_finish(ray_cluster, tmp_path):
     address = ray_cluster.get_runtime_context().gcs_address
     args = ["--space", "smoke", "--trials", "3", "--output-dir", str(tmp_path), "--wandb", "disabled", "--no-final",
             "--address", address, "--set", "search.concurrency=1", "--set", "space.epochs=[2]"]
@@ -98,8 +98,12 @@ def test_kill_after_first_completed_trial_then_resume(ray_cluster, tmp_path):
     assert any(l.rstrip().endswith("completed") for l in lines), "".join(lines[-30:])
     done_before = {l.split()[0] for l in lines if l.rstrip().endswith("completed")}
 
-    r = run_cli(*args, "--resume", timeout=600)
+    # The resumed search goes on into the final stage (one retrain, no baselines: kept short).
+    resumed = [a for a in args if a != "--no-final"] + ["--set", "final.baselines=false", "--resume"]
+    r = run_cli(*resumed, timeout=900)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert (tmp_path / "smoke" / "final" / "student" / "model.safetensors").is_file()
+    assert json.loads((tmp_path / "smoke" / "results.json").read_text())["search"]["trials"] == 3
     rows = pq.read_table(tmp_path / "smoke" / "search" / "trials.parquet").to_pylist()
     assert len(rows) == 3
     assert len({r["trial_id"] for r in rows}) == 3

@@ -1,0 +1,279 @@
+"""A real Ray cluster of two nodes on one machine, and the launch files.
+
+Two raylets started with `ray start` (a head and a second node, 1 CPU and a custom resource
+each) form a two-node cluster; the smoke search is submitted with `ray job submit`. One test
+checks that trials run on both nodes; one kills the second node mid-trial and checks that the
+trial is retried from its checkpoint and the search completes. Each test stops every Ray process
+it started. Marked `cluster`: `python -m pytest -m cluster` runs them alone.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shlex
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+import psutil
+import pyarrow.parquet as pq
+import pytest
+import yaml
+
+from tests.conftest import ROOT
+
+RAY = str(Path(sys.executable).parent / "ray")
+LAUNCH = ROOT / "launch"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class TwoNodes:
+    """`ray start --head` and `ray start --address` on this machine, each in its own process
+    group with its own temp dir and ports, so they never touch the test session's own cluster."""
+
+    def __init__(self) -> None:
+        # Short: Ray's unix socket paths live under the temp dir and must stay under 108 bytes.
+        self.root = Path(tempfile.mkdtemp(prefix="kdc", dir="/tmp"))
+        self.gcs_port, self.dashboard_port = free_port(), free_port()
+        self.address = f"127.0.0.1:{self.gcs_port}"
+        self.dashboard = f"http://127.0.0.1:{self.dashboard_port}"
+        self.procs: dict[str, subprocess.Popen] = {}
+
+    def _start(self, name: str, args: list[str]) -> None:
+        # Every fixed default port would collide with the other node (and the session's cluster).
+        ports = [(flag, free_port()) for flag in ("--node-manager-port", "--object-manager-port",
+                                                  "--metrics-export-port", "--dashboard-agent-listen-port",
+                                                  "--dashboard-agent-grpc-port", "--runtime-env-agent-port")]
+        log = open(self.root / f"{name}.log", "w")
+        cmd = [RAY, "start", "--block", "--num-cpus", "1", "--resources", json.dumps({f"node_{name}": 1}),
+               "--object-store-memory", str(512 * 2**20),
+               "--temp-dir", str(self.root / name), *(str(x) for pair in ports for x in pair), *args]
+        self.procs[name] = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+
+    def start(self) -> "TwoNodes":
+        self._start("a", ["--head", "--port", str(self.gcs_port), "--dashboard-host", "127.0.0.1",
+                          "--dashboard-port", str(self.dashboard_port), "--ray-client-server-port", str(free_port())])
+        self.wait_nodes(1)
+        self._start("b", ["--address", self.address])
+        self.wait_nodes(2)
+        return self
+
+    def nodes(self) -> list[dict]:
+        r = subprocess.run([RAY, "list", "nodes", "--address", self.dashboard, "--format", "json", "--detail"],
+                           capture_output=True, text=True, timeout=60)
+        return json.loads(r.stdout) if r.returncode == 0 and r.stdout.strip().startswith("[") else []
+
+    def node_ids(self) -> dict[str, str]:
+        """Custom resource name (node_a / node_b) -> node id, alive nodes only."""
+        out = {}
+        for n in self.nodes():
+            if n.get("state") == "ALIVE":
+                for res in n.get("resources_total", {}):
+                    if res.startswith("node_"):
+                        out[res] = n["node_id"]
+        return out
+
+    def wait_nodes(self, k: int, timeout: float = 120) -> None:
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            if len(self.node_ids()) == k:
+                return
+            time.sleep(1)
+        raise AssertionError(f"{k} Ray node(s) did not come up: " + "".join(
+            (self.root / f"{n}.log").read_text()[-2000:] for n in self.procs))
+
+    def kill(self, name: str) -> None:
+        """SIGKILL a node: its `ray start` process, its raylet and every worker under them."""
+        proc = psutil.Process(self.procs[name].pid)
+        tree = [proc, *proc.children(recursive=True)]
+        for p in tree:
+            try:
+                p.kill()
+            except psutil.NoSuchProcess:
+                pass
+        psutil.wait_procs(tree, timeout=30)
+
+    def stop(self) -> list[int]:
+        """Kill every process the cluster started; return the pids still alive (none, we hope)."""
+        trees = []
+        for name, popen in self.procs.items():
+            try:
+                proc = psutil.Process(popen.pid)
+                trees += [proc, *proc.children(recursive=True)]
+            except psutil.NoSuchProcess:
+                pass
+        for name in self.procs:
+            try:
+                os.killpg(self.procs[name].pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        for p in trees:
+            try:
+                p.kill()
+            except psutil.NoSuchProcess:
+                pass
+        _, alive = psutil.wait_procs(trees, timeout=30)
+        # Processes of this cluster outside those trees (daemonized ones) carry its temp dir.
+        for p in psutil.process_iter(["pid", "cmdline"]):
+            if str(self.root) in " ".join(p.info["cmdline"] or []):
+                alive.append(p)
+                p.kill()
+        shutil.rmtree(self.root, ignore_errors=True)
+        return [p.pid for p in alive if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+
+    def submit(self, args: list[str], out: Path, wait: bool = True, **kw) -> subprocess.CompletedProcess | str:
+        env = {"RAY_AUTH_MODE": "disabled", "WANDB_MODE": "disabled", "KDRAY_CACHE": os.environ["KDRAY_CACHE"]}
+        cmd = [RAY, "job", "submit", "--address", self.dashboard, "--runtime-env-json",
+               json.dumps({"env_vars": env}), *([] if wait else ["--no-wait"]), "--",
+               sys.executable, "-m", "kdray.search", "--space", "smoke", "--output-dir", str(out), "--wandb",
+               "disabled", *args]
+        r = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, **kw)
+        if wait:
+            return r
+        assert r.returncode == 0, r.stdout + r.stderr
+        return re.search(r"raysubmit_\w+", r.stdout).group(0)
+
+    def _get(self, path: str) -> dict:
+        with urllib.request.urlopen(f"{self.dashboard}{path}", timeout=60) as r:
+            return json.loads(r.read())
+
+    def logs(self, job: str) -> str:
+        return self._get(f"/api/jobs/{job}/logs")["logs"]
+
+    def status(self, job: str) -> str:
+        """PENDING, RUNNING, SUCCEEDED, FAILED or STOPPED (Ray's job REST API)."""
+        return self._get(f"/api/jobs/{job}")["status"]
+
+
+@pytest.fixture
+def two_nodes(private_cache):
+    cluster = TwoNodes().start()
+    yield cluster
+    alive = cluster.stop()
+    assert alive == [], f"Ray processes left running: {alive}"
+
+
+@pytest.mark.cluster
+def test_trials_run_on_both_nodes_of_a_two_node_cluster(two_nodes, tmp_path):
+    ids = two_nodes.node_ids()
+    assert set(ids) == {"node_a", "node_b"}
+    r = two_nodes.submit(["--trials", "4", "--no-final", "--set", "search.concurrency=2",
+                          "--set", "space.epochs=[2]"], tmp_path, timeout=900)
+    assert r.returncode == 0 and "succeeded" in r.stdout, r.stdout[-4000:] + r.stderr[-2000:]
+    assert "Ray nodes and no --storage-path" in r.stdout  # kdray saw both nodes and said so
+    rows = pq.read_table(tmp_path / "smoke" / "search" / "trials.parquet").to_pylist()
+    assert len(rows) == 4 and all(row["status"] in ("completed", "stopped early") for row in rows)
+    # The node each trial's Ray Train worker ran on, as the worker reported it.
+    assert {row["node"] for row in rows} == set(ids.values()), rows
+
+
+@pytest.mark.cluster
+def test_a_node_killed_mid_trial_costs_a_retry_not_the_search(two_nodes, tmp_path):
+    job = two_nodes.submit(["--trials", "3", "--no-final", "--set", "search.concurrency=2",
+                            "--set", "space.epochs=[8]", "--set", "search.grace_period=8",
+                            "--set", "search.max_failures=2"], tmp_path, wait=False)
+    # Wait until two trials are training (one per node: each node has room for one worker).
+    deadline = time.time() + 600
+    while time.time() < deadline:
+        running = {line.split()[0] for line in two_nodes.logs(job).splitlines()
+                   if re.match(r"^\w{8}\s.*\s[1-7]\s+\S+\s+running$", line)}
+        if len(running) >= 2:
+            break
+        assert two_nodes.status(job) in ("PENDING", "RUNNING"), two_nodes.logs(job)[-4000:]
+        time.sleep(1)
+    else:
+        raise AssertionError(two_nodes.logs(job)[-4000:])
+    two_nodes.kill("b")
+    deadline = time.time() + 900
+    while two_nodes.status(job) in ("PENDING", "RUNNING") and time.time() < deadline:
+        time.sleep(3)
+    logs = two_nodes.logs(job)
+    assert two_nodes.status(job) == "SUCCEEDED", logs[-6000:]
+    rows = pq.read_table(tmp_path / "smoke" / "search" / "trials.parquet").to_pylist()
+    assert len(rows) == 3 and all(row["status"] == "completed" for row in rows), rows
+    assert all(len(row["val_accuracy_per_epoch"]) == 8 for row in rows)
+    # The trial that lost its worker went on from its last epoch checkpoint, not from scratch.
+    assert re.search(r"resumed from \S+ after epoch [1-7]", logs), logs[-6000:]
+    assert set(two_nodes.node_ids()) == {"node_a"}
+
+
+# ----------------------------------------------------------------------------- launch files
+
+
+def search_args(command: str) -> list[str]:
+    """The arguments of the `python -m kdray.search` in a shell command (variables filled in)."""
+    command = re.sub(r"\$\{?(\w+)[^}\s\"]*\}?", "/tmp/x", command.replace("\\\n", " "))
+    words = shlex.split(command)
+    i = words.index("kdray.search")
+    return [w for w in words[i + 1:] if w != '"$@"' and w != "$@"]
+
+
+def check_search_command(args: list[str]) -> None:
+    from kdray.config import load_config
+    from kdray.search import build_parser
+
+    parsed = build_parser().parse_args(args)
+    space = ROOT / parsed.space if not Path(parsed.space).is_absolute() else Path(parsed.space)
+    load_config(space, parsed.overrides, budget=parsed.budget)  # the space file exists and loads
+    assert parsed.storage_path, "a cluster run needs --storage-path"
+
+
+def test_cluster_launcher_config_is_valid_and_closed_to_the_world():
+    cfg = yaml.safe_load((LAUNCH / "aws.yaml").read_text())
+    for key in ("cluster_name", "provider", "auth", "available_node_types", "head_node_type", "setup_commands",
+                "head_start_ray_commands", "worker_start_ray_commands"):
+        assert key in cfg, key
+    assert cfg["head_node_type"] in cfg["available_node_types"]
+    assert any(t.get("resources", {}).get("GPU") for t in cfg["available_node_types"].values())
+    head_start = " ".join(cfg["head_start_ray_commands"])
+    assert "--dashboard-host=127.0.0.1" in head_start
+    rules = cfg["provider"]["security_group"]["IpPermissions"]
+    assert [(r["FromPort"], r["ToPort"]) for r in rules] == [(22, 22)]  # SSH only
+    assert all(ip["CidrIp"] != "0.0.0.0/0" for r in rules for ip in r["IpRanges"])
+    assert any("kdray" in c for c in cfg["setup_commands"])
+    (line,) = [l for l in (LAUNCH / "aws.yaml").read_text().splitlines() if "kdray.search" in l]
+    check_search_command(search_args(line.lstrip("# ")))
+
+
+def test_kuberay_rayjob_is_valid():
+    job = yaml.safe_load((LAUNCH / "kuberay-rayjob.yaml").read_text())
+    assert job["apiVersion"] == "ray.io/v1" and job["kind"] == "RayJob"
+    spec = job["spec"]
+    assert spec["shutdownAfterJobFinishes"] is True
+    cluster = spec["rayClusterSpec"]
+    assert cluster["headGroupSpec"]["serviceType"] == "ClusterIP"
+    (group,) = cluster["workerGroupSpecs"]
+    (container,) = group["template"]["spec"]["containers"]
+    assert container["resources"]["limits"]["nvidia.com/gpu"]
+    check_search_command(search_args(spec["entrypoint"]))
+
+
+def test_slurm_script_starts_ray_on_the_allocation_and_runs_the_search():
+    text = (LAUNCH / "slurm.sbatch").read_text()
+    assert text.startswith("#!/bin/bash") and "#SBATCH --nodes=" in text
+    assert re.search(r"ray start --head .*--dashboard-host=127\.0\.0\.1", text.replace("\\\n", " "))
+    assert "ray start --address" in text and "ray stop" in text
+    r = subprocess.run(["bash", "-n", str(LAUNCH / "slurm.sbatch")], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    start = text.index("python -m kdray.search")
+    check_search_command(search_args(text[start:text.index("\n", text.index('"$@"'))]))
+
+
+def test_launch_readme_commands_are_accepted():
+    text = (LAUNCH / "README.md").read_text()
+    block = text[text.index("ray job submit"):]
+    block = block[:block.index("\n", block.index("kdray.search"))]
+    check_search_command(search_args(block))
