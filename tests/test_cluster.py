@@ -168,16 +168,25 @@ def two_nodes(private_cache):
 
 @pytest.mark.cluster
 def test_trials_run_on_both_nodes_of_a_two_node_cluster(two_nodes, tmp_path):
+    """Trials land on both nodes; Tune and Train write to --storage-path (standing in for a
+    bucket or a shared mount), the final stage reads the retrained student back from it."""
     ids = two_nodes.node_ids()
     assert set(ids) == {"node_a", "node_b"}
-    r = two_nodes.submit(["--trials", "4", "--no-final", "--set", "search.concurrency=2",
-                          "--set", "space.epochs=[2]"], tmp_path, timeout=900)
+    storage = tmp_path / "shared"
+    r = two_nodes.submit(["--trials", "4", "--set", "search.concurrency=2", "--set", "space.epochs=[2]",
+                          "--set", "final.baselines=false", "--storage-path", str(storage)], tmp_path / "runs",
+                         timeout=900)
     assert r.returncode == 0 and "succeeded" in r.stdout, r.stdout[-4000:] + r.stderr[-2000:]
-    assert "Ray nodes and no --storage-path" in r.stdout  # kdray saw both nodes and said so
-    rows = pq.read_table(tmp_path / "smoke" / "search" / "trials.parquet").to_pylist()
+    run = tmp_path / "runs" / "smoke"
+    rows = pq.read_table(run / "search" / "trials.parquet").to_pylist()
     assert len(rows) == 4 and all(row["status"] in ("completed", "stopped early") for row in rows)
     # The node each trial's Ray Train worker ran on, as the worker reported it.
     assert {row["node"] for row in rows} == set(ids.values()), rows
+    # Checkpoints went to the storage path, not the run directory; the final stage loaded them.
+    assert len(list((storage / "smoke" / "train").glob("trial-*/checkpoint_*"))) >= 4
+    assert len(list((storage / "smoke" / "final" / "train").glob("trial-*/checkpoint_*"))) >= 1
+    assert not (run / "train").exists()
+    assert (run / "final" / "student" / "model.safetensors").is_file() and (run / "report.md").is_file()
 
 
 @pytest.mark.cluster
@@ -208,6 +217,7 @@ def test_a_node_killed_mid_trial_costs_a_retry_not_the_search(two_nodes, tmp_pat
     # The trial that lost its worker went on from its last epoch checkpoint, not from scratch.
     assert re.search(r"resumed from \S+ after epoch [1-7]", logs), logs[-6000:]
     assert set(two_nodes.node_ids()) == {"node_a"}
+    assert "Ray nodes and no --storage-path" in logs  # kdray saw two nodes and a local path, and said so
 
 
 # ----------------------------------------------------------------------------- launch files
