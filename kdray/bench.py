@@ -1,10 +1,24 @@
 """Benchmarks that print numbers (never timed tests). Results go to bench/results/*.json.
 
-    python -m kdray.bench step [--teacher embedded:minilm-l6] [--steps 20] [--batch-size 32]
+    python -m kdray.bench step     [--sizes embedded|base] [--steps 20] [--batch-size 32]
+    python -m kdray.bench infer    [--sizes embedded|base] [--runs 100]
+    python -m kdray.bench overhead --run runs/NAME
+    python -m kdray.bench search   [--quick]
 
 `step`: samples/s of one KD training step with cached teacher logits vs the online teacher
 (teacher forward per batch, the seeds' way), on the same batches, in one process, and the
 padding efficiency (real / padded tokens) with and without length grouping.
+`infer`: teacher vs merged vs unmerged student vs a plain model of the student's shape (and
+int8 dynamic quantisation on CPU): latency p50/p95 at batch 1, throughput at batch 32.
+`overhead`: per-trial fixed cost (trial wall time minus time in the training loop) and the
+share of the search's wall time the trial slots were busy, from a finished run.
+`search`: kdray vs the seeds' way of searching (Hugging Face `Trainer.hyperparameter_search`
+with Optuna and a KD `Trainer` that runs the teacher per batch), same data, space, trials and
+epochs, one after the other on this machine.
+
+`--sizes embedded` uses the embedded models and Rotten Tomatoes (CPU); `--sizes base` builds a
+BERT-base-shaped teacher (12 x 768) and a DistilBERT-shaped student (6 x 768) from configs, with
+random token sequences of Rotten Tomatoes' length distribution: no hub, no data package (GPU).
 """
 
 from __future__ import annotations
@@ -16,6 +30,7 @@ import platform
 import time
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -24,15 +39,59 @@ RESULTS_DIR = Path("bench") / "results"
 
 
 def _environment(device: torch.device) -> dict:
-    import peft
-    import ray
-    import transformers
+    import importlib.metadata as md
 
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine()
-    return {"device": str(device), "device_name": name, "cpu_threads": torch.get_num_threads(),
-            "torch": torch.__version__, "transformers": transformers.__version__, "peft": peft.__version__,
-            "ray": ray.__version__, "python": platform.python_version(),
-            "timestamp": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+    from kdray.final import device_name
+
+    def version(pkg: str) -> str | None:
+        try:
+            return md.version(pkg)
+        except md.PackageNotFoundError:
+            return None
+
+    return {"device": str(device), "device_name": device_name(device), "cpu_threads": torch.get_num_threads(),
+            **{pkg: version(pkg) for pkg in ("torch", "transformers", "peft", "ray", "optuna")},
+            "python": platform.python_version(), "timestamp": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+
+
+# ----------------------------------------------------------------------------- models and data
+
+#: `--sizes base`: BERT-base and a DistilBERT-sized (6-layer) BERT, built from configs.
+BASE = {"model_type": "bert", "hidden_size": 768, "num_attention_heads": 12, "intermediate_size": 3072,
+        "vocab_size": 30522}
+
+
+def bench_setup(args: argparse.Namespace) -> dict:
+    """Teacher and student specs, a train and a test `Split`, the pad id: for `--sizes`."""
+    from kdray.config import LoraChoice, ModelConfig, StudentConfig, load_config
+    from kdray.distill import Split
+
+    if args.sizes == "base":
+        rng = np.random.default_rng(0)
+        # Rotten Tomatoes' token lengths (MiniLM tokenizer): median ~26, long tail, capped.
+        def split(n: int) -> Split:
+            lengths = np.clip(rng.lognormal(3.2, 0.45, n).astype(int), 6, args.max_length)
+            ids = [np.concatenate([[101], rng.integers(1000, 30000, k - 2), [102]]).astype(np.int32) for k in lengths]
+            return Split(ids, rng.integers(0, 2, n).astype(np.int64), np.arange(n, dtype=np.int64))
+
+        lora = LoraChoice(r=8, alpha=16, dropout=0.1, target_modules=["q", "v"])
+        return {"teacher": ModelConfig(config={**BASE, "num_hidden_layers": 12}),
+                "student": StudentConfig(config={**BASE, "num_hidden_layers": 6}, mode="lora", lora=lora),
+                "train": split(4096), "test": split(1024), "pad_id": 0, "num_labels": 2,
+                "describe": "BERT-base config teacher (12 x 768) -> 6 x 768 BERT LoRA r=8 q,v student, random "
+                            f"weights, synthetic RT-length sequences (max_length {args.max_length})"}
+    from kdray.data import load_data, tokenize
+    from kdray.models import load_tokenizer
+
+    cfg = load_config(args.space, args.overrides)
+    task = load_data(cfg.data)
+    tok = load_tokenizer(cfg.student)
+    tokenized, _ = tokenize(task, tok, cfg.data.max_length, cfg.cache_dir)
+    return {"teacher": cfg.teacher, "student": cfg.student, "train": Split.from_dataset(tokenized["train"]),
+            "test": Split.from_dataset(tokenized["test"]), "pad_id": tok.pad_token_id, "num_labels": task.num_labels,
+            "cfg": cfg, "describe": f"{Path(cfg.source_file).stem} space: teacher {cfg.teacher.name}, student "
+                                    f"{cfg.student.name} keep_layers {cfg.student.keep_layers} LoRA r={cfg.student.lora.r} "
+                                    f"{','.join(cfg.student.lora.target_modules)}, {task.description}"}
 
 
 def _padding_efficiency(lengths: np.ndarray, batches: list[np.ndarray]) -> float:
@@ -40,30 +99,25 @@ def _padding_efficiency(lengths: np.ndarray, batches: list[np.ndarray]) -> float
 
 
 def bench_step(args: argparse.Namespace) -> dict:
-    from kdray.config import ModelConfig, load_config
-    from kdray.data import load_data, tokenize
-    from kdray.distill import (CachedTeacher, OnlineTeacher, Split, TeacherLogits, autocast_for, backward_step,
-                               forward_loss, make_batches, make_optimizer, predict_logits)
-    from kdray.models import build_model, build_student, count_trainable, load_tokenizer
+    from kdray.config import TrainConfig
+    from kdray.distill import (CachedTeacher, OnlineTeacher, TeacherLogits, autocast_for, backward_step, forward_loss,
+                               make_batches, make_optimizer, predict_logits)
+    from kdray.models import build_model, build_student, count_trainable
 
     device = torch.device(args.device)
-    cfg = load_config(args.space, args.overrides)
-    task = load_data(cfg.data)
-    teacher_spec = ModelConfig(name=args.teacher) if args.teacher else cfg.teacher
-    tok = load_tokenizer(cfg.student)
-    tokenized, _ = tokenize(task, tok, cfg.data.max_length, cfg.cache_dir)
-    train = Split.from_dataset(tokenized["train"])
-    teacher = build_model(teacher_spec, task.num_labels, device=device).eval()
+    setup = bench_setup(args)
+    train, pad = setup["train"], setup["pad_id"]
+    teacher = build_model(setup["teacher"], setup["num_labels"], device=device).eval()
     n_batches = args.warmup + args.steps
     batches = make_batches(train.lengths, args.batch_size, shuffle=True, seed=0, epoch=0, group_by_length=True)[:n_batches]
     used = np.concatenate(batches)
     # The cached table holds exactly what the teacher stage would have written for these rows.
-    table = TeacherLogits(train.example_ids[used], predict_logits(teacher, train, 128, tok.pad_token_id, device, used))
-    train_cfg = dataclasses.replace(cfg.train, alpha=0.5, batch_size=args.batch_size)
+    table = TeacherLogits(train.example_ids[used], predict_logits(teacher, train, 128, pad, device, used))
+    train_cfg = TrainConfig(alpha=0.5, batch_size=args.batch_size)
     autocast = autocast_for(device)
     results = {}
     for mode, source in (("cached", CachedTeacher(table)), ("online", OnlineTeacher(teacher))):
-        student = build_student(cfg.student, task.num_labels, device="cpu", seed=0).to(device)
+        student = build_student(setup["student"], setup["num_labels"], device="cpu", seed=0).to(device)
         optimizer = make_optimizer(student, train_cfg, device)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
         student.train()
@@ -73,7 +127,7 @@ def bench_step(args: argparse.Namespace) -> dict:
                 if device.type == "cuda":
                     torch.cuda.synchronize()
                 t0, seen = time.perf_counter(), 0
-            batch = train.collate(idx, tok.pad_token_id, device)
+            batch = train.collate(idx, pad, device)
             loss, _, _ = forward_loss(student, batch, source, train_cfg, autocast)
             backward_step(student, loss, optimizer, scheduler, train_cfg)
             seen += len(idx)
@@ -86,11 +140,9 @@ def bench_step(args: argparse.Namespace) -> dict:
     plain = make_batches(lengths, args.batch_size, shuffle=True, seed=0, epoch=0, group_by_length=False)
     return {
         "benchmark": "step",
-        "settings": {"space": Path(cfg.source_file).stem, "teacher": teacher_spec.name or "inline config",
-                     "student": cfg.student.name or "inline config", "student_keep_layers": cfg.student.keep_layers,
-                     "student_mode": cfg.student.mode, "lora_r": cfg.student.lora.r,
+        "settings": {"sizes": args.sizes, "models": setup["describe"],
                      "student_trainable_params": count_trainable(student), "batch_size": args.batch_size,
-                     "max_length": cfg.data.max_length, "steps": args.steps, "warmup": args.warmup},
+                     "steps": args.steps, "warmup": args.warmup},
         "environment": _environment(device),
         "cached_samples_per_s": results["cached"]["samples_per_s"],
         "online_samples_per_s": results["online"]["samples_per_s"],
@@ -102,10 +154,8 @@ def bench_step(args: argparse.Namespace) -> dict:
 
 def print_step(r: dict) -> None:
     s, e = r["settings"], r["environment"]
-    print(f"step benchmark on {e['device']} ({e['device_name']}, {e['cpu_threads']} threads): teacher {s['teacher']}, "
-          f"student {s['student']} keep_layers {s['student_keep_layers']} {s['student_mode']} r={s['lora_r']} "
-          f"({s['student_trainable_params']:,} trainable), batch {s['batch_size']}, max_length {s['max_length']}, "
-          f"{s['steps']} timed steps")
+    print(f"step benchmark on {e['device_name']}: {s['models']}; {s['student_trainable_params']:,} trainable, "
+          f"batch {s['batch_size']}, {s['steps']} timed steps")
     print(f"  {'KD step':<36} {'samples/s':>10}")
     print(f"  {'cached teacher logits':<36} {r['cached_samples_per_s']:>10.1f}")
     print(f"  {'online teacher (forward per batch)':<36} {r['online_samples_per_s']:>10.1f}")
@@ -115,23 +165,434 @@ def print_step(r: dict) -> None:
           f"({r['padding_efficiency_grouped'] / r['padding_efficiency_ungrouped']:.2f}x)")
 
 
+# ----------------------------------------------------------------------------- infer
+
+
+def bench_infer(args: argparse.Namespace) -> dict:
+    """Teacher, merged and unmerged LoRA student, a plain model of the student's shape and, on
+    CPU, the merged student quantised to int8 (dynamic), through the final stage's benchmark."""
+    from kdray.config import RunConfig
+    from kdray.final import benchmark
+    from kdray.models import build_model, build_student
+
+    device = torch.device(args.device)
+    setup = bench_setup(args)
+    k, spec = setup["num_labels"], setup["student"]
+
+    def unmerged() -> torch.nn.Module:
+        model = build_student(spec, k, seed=0)
+        for name, p in model.named_parameters():  # LoRA B starts at zero: give it weights to merge
+            if "lora_B" in name:
+                torch.nn.init.normal_(p, std=0.02)
+        return model
+
+    loaders = {
+        "teacher": lambda: build_model(setup["teacher"], k, seed=0),
+        "student": lambda: unmerged().merge_and_unload(),
+        "student_unmerged": unmerged,
+        "plain": lambda: build_model(spec, k, seed=0),
+    }
+    if device.type == "cpu":
+        loaders["student_int8"] = lambda: torch.ao.quantization.quantize_dynamic(
+            unmerged().merge_and_unload(), {torch.nn.Linear}, dtype=torch.qint8)
+    cfg = RunConfig()
+    cfg.final.latency_runs, cfg.final.warmup_runs = args.runs, args.warmup
+    test = setup["test"]
+    bench, logits = benchmark({n: (load, test, setup["pad_id"]) for n, load in loaders.items()}, device, cfg)
+    out = {"benchmark": "infer", "settings": {"sizes": args.sizes, "models": setup["describe"],
+                                              "test_examples": len(test), "latency_runs": args.runs},
+           "environment": _environment(device), "models": bench,
+           "speedup_student_vs_teacher_p50": bench["teacher"]["latency_ms_p50"] / bench["student"]["latency_ms_p50"],
+           "merged_vs_plain_p50": bench["student"]["latency_ms_p50"] / bench["plain"]["latency_ms_p50"],
+           "unmerged_vs_merged_p50": bench["student_unmerged"]["latency_ms_p50"] / bench["student"]["latency_ms_p50"]}
+    if "student_int8" in bench:
+        out["int8_vs_merged_p50"] = bench["student_int8"]["latency_ms_p50"] / bench["student"]["latency_ms_p50"]
+        agree = float((logits["student_int8"].argmax(-1) == logits["student"].argmax(-1)).mean())
+        out["int8_prediction_agreement"] = agree
+    return out
+
+
+def print_infer(r: dict) -> None:
+    print(f"infer benchmark on {r['environment']['device_name']}: {r['settings']['models']}; "
+          f"{r['settings']['test_examples']} examples, batch 1 x {r['settings']['latency_runs']} (round-robin), batch 32")
+    print(f"  {'model':<18} {'p50 ms':>8} {'p95 ms':>8} {'ex/s @32':>9} {'MB':>7} {'params':>12}")
+    for name, b in r["models"].items():
+        print(f"  {name:<18} {b['latency_ms_p50']:>8.2f} {b['latency_ms_p95']:>8.2f} {b['throughput_per_s']:>9.0f} "
+              f"{b['size_mb']:>7.1f} {b['total_params']:>12,}")
+    print(f"  student vs teacher at batch 1: {r['speedup_student_vs_teacher_p50']:.2f}x faster; merged / plain "
+          f"{r['merged_vs_plain_p50']:.3f}; unmerged / merged {r['unmerged_vs_merged_p50']:.3f}")
+    if "int8_vs_merged_p50" in r:
+        print(f"  int8 dynamic / fp32 merged: {r['int8_vs_merged_p50']:.3f} at p50, predictions agree on "
+              f"{100 * r['int8_prediction_agreement']:.1f}%")
+
+
+# ----------------------------------------------------------------------------- overhead
+
+
+def trial_timings(search_dir: Path) -> list[dict]:
+    """Per trial, from Tune's `result.json`: wall time, time in the training loop (training
+    steps + validation, as the workers reported them), epochs, start and end (unix seconds)."""
+    from kdray import metrics as M
+
+    out = []
+    for result in sorted(search_dir.glob("*/result.json")):
+        rows = [json.loads(line) for line in result.read_text().splitlines() if line.strip()]
+        if not rows:
+            continue
+        loop = sum(r.get(M.EPOCH_SECONDS, 0.0) + r.get(M.EVAL_SECONDS, 0.0) for r in rows)
+        wall = rows[-1]["time_total_s"]
+        end = rows[-1]["timestamp"]
+        out.append({"trial_id": rows[-1]["trial_id"], "wall_s": wall, "loop_s": loop, "epochs": len(rows),
+                    "start": end - wall, "end": end,
+                    "curve": [(r["timestamp"], r[M.VAL_ACCURACY]) for r in rows if M.VAL_ACCURACY in r]})
+    return out
+
+
+def overhead_stats(trials: list[dict], slots: int) -> dict:
+    """Per-trial fixed cost (wall minus training loop) and the share of the search's wall time
+    the `slots` trial slots spent in training loops."""
+    wall = max(t["end"] for t in trials) - min(t["start"] for t in trials)
+    fixed = [t["wall_s"] - t["loop_s"] for t in trials]
+    return {"fixed_cost_s_mean": float(np.mean(fixed)), "fixed_cost_s_per_trial": fixed,
+            "fixed_share_of_trial_time": float(sum(fixed) / sum(t["wall_s"] for t in trials)),
+            "busy_share_of_search_wall": float(sum(t["loop_s"] for t in trials) / (wall * slots)),
+            "search_wall_s": wall, "epochs": sum(t["epochs"] for t in trials)}
+
+
+def bench_overhead(args: argparse.Namespace) -> dict:
+    import yaml
+
+    run = Path(args.run)
+    trials = trial_timings(run / "search")
+    if not trials:
+        from kdray.errors import UserError
+
+        raise UserError(f"--run {args.run}: no trial results under search/. Fix: pass a run directory of a search.")
+    slots = yaml.safe_load((run / "config.yaml").read_text())["search"]["concurrency"]
+    return {"benchmark": "overhead", "settings": {"run": str(run), "trials": len(trials), "concurrency": slots},
+            "environment": _environment(torch.device("cpu")), **overhead_stats(trials, slots)}
+
+
+def print_overhead(r: dict) -> None:
+    print(f"overhead of {r['settings']['run']}: {r['settings']['trials']} trials, {r['epochs']} trial-epochs, "
+          f"concurrency {r['settings']['concurrency']}, search wall {r['search_wall_s']:.0f}s")
+    print(f"  per-trial fixed cost (wall - training loop): {r['fixed_cost_s_mean']:.1f}s on average = "
+          f"{100 * r['fixed_share_of_trial_time']:.1f}% of trial time (target <= 5%)")
+    print(f"  trial slots busy in the training loop: {100 * r['busy_share_of_search_wall']:.1f}% of the search's "
+          f"wall time (target >= 85%)")
+
+
+# ----------------------------------------------------------------------------- search: kdray vs the peer
+
+
+def bench_search(args: argparse.Namespace) -> dict:
+    """Both systems on the default space's data, teacher and student, the same search space,
+    trials and epochs. The peer: `Trainer.hyperparameter_search(backend="optuna")` with a KD
+    `Trainer` running the (same, fine-tuned) teacher on every batch, random batches padded per
+    batch, one trial at a time. kdray: its search as shipped (cached logits, length-grouped
+    batches, Ray Tune trials at `search.concurrency`, ASHA). Teacher fine-tuning is shared and
+    not timed; kdray's one-off teacher-logits pass is added to its time."""
+    import tempfile
+
+    from kdray.config import load_config
+    from kdray.data import load_data
+    from kdray.models import build_model, encoder_layers
+    from kdray.teacher import prepare_teacher
+
+    trials, epochs = (4, 1) if args.quick else (args.trials, args.epochs)
+    overrides = [f"search.trials={trials}", f"space.epochs=[{epochs}]", *args.overrides]
+    cfg = load_config(args.space, overrides, budget=args.budget)
+    task = load_data(cfg.data)
+    n_layers = len(encoder_layers(build_model(cfg.student, task.num_labels, device="meta"))[1])
+    from kdray.cluster import init_ray
+
+    init_ray()
+    teacher = prepare_teacher(cfg, task)
+    from kdray.search import run_search
+
+    with tempfile.TemporaryDirectory(prefix="kdray-bench-search-") as tmp:
+        work = Path(tmp)
+        print(f"== peer: HF Trainer.hyperparameter_search(optuna), {trials} trials x {epochs} epoch(s), teacher online")
+        peer = run_peer(cfg, task, teacher, n_layers, trials, work / "peer")
+        print(f"== kdray: {trials} trials x {epochs} epoch(s), concurrency {cfg.search.concurrency}")
+        t0 = time.perf_counter()
+        result = run_search(cfg, task, work / "kdray" / cfg.name, n_layers, wandb_mode="disabled")
+        seconds = time.perf_counter() - t0 + teacher.record["logits_seconds"]
+        timing = trial_timings(work / "kdray" / cfg.name / "search")
+    start = min(t["start"] for t in timing)
+    kd = {"wall_s": seconds, "logits_s": teacher.record["logits_seconds"],
+          "overhead": overhead_stats(timing, cfg.search.concurrency),
+          "trial_epochs": sum(r["epochs_run"] for r in result.rows),
+          "best_val_accuracy": max(r["best_val_accuracy"] or 0 for r in result.rows),
+          "curve": _best_so_far([(ts - start + teacher.record["logits_seconds"], acc)
+                                 for t in timing for ts, acc in t["curve"]])}
+    for side in (peer, kd):
+        side["trial_epochs_per_hour"] = side["trial_epochs"] / side["wall_s"] * 3600
+    out = {"benchmark": "search",
+           "settings": {"space": Path(cfg.source_file).stem, "quick": args.quick, "trials": trials, "epochs": epochs,
+                        "train_examples": len(task.splits["train"]), "concurrency": cfg.search.concurrency,
+                        "budget": cfg.budget, "teacher": cfg.teacher.name, "student": cfg.student.name,
+                        "student_keep_layers": cfg.student.keep_layers},
+           "environment": _environment(torch.device("cuda" if torch.cuda.is_available() else "cpu")),
+           "peer": peer, "kdray": kd,
+           "wall_ratio": peer["wall_s"] / kd["wall_s"],
+           "trial_epochs_per_hour_ratio": kd["trial_epochs_per_hour"] / peer["trial_epochs_per_hour"],
+           "best_val_accuracy_diff_pt": 100 * (kd["best_val_accuracy"] - peer["best_val_accuracy"])}
+    _plot_curves(out, Path(args.output_dir) / f"search-{'quick-' if args.quick else ''}{out['environment']['device'].split(':')[0]}.png")
+    return out
+
+
+def _best_so_far(points: list[tuple[float, float]]) -> list[tuple[float, float]]:
+    best, out = -1.0, []
+    for t, acc in sorted(points):
+        best = max(best, acc)
+        out.append((float(t), float(best)))
+    return out
+
+
+def run_peer(cfg: Any, task: Any, teacher: Any, n_layers: int, trials: int, out_dir: Path) -> dict:
+    """The seeds' way: HF Trainer + Optuna, KD loss with the teacher run on every batch."""
+    import warnings
+
+    import datasets
+    import optuna
+    from transformers import DataCollatorWithPadding, Trainer, TrainerCallback, TrainingArguments
+
+    from kdray.distill import kd_loss
+    from kdray.models import build_student, from_pretrained_dir, load_tokenizer
+    from kdray.search import BudgetedSpace, lora_choice
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    tok = load_tokenizer(cfg.student)
+    datasets.disable_progress_bars()
+    enc = task.splits.map(lambda b: tok(b["text"], truncation=True, max_length=cfg.data.max_length), batched=True,
+                          remove_columns=[c for c in task.splits["train"].column_names if c != "label"])
+    enc = enc.rename_column("label", "labels")
+    teacher_model = from_pretrained_dir(teacher.model_dir).to(device).eval()
+    # The same space as kdray's search (the budget count included, so no over-budget config trains).
+    space = BudgetedSpace(cfg.space, cfg.student, task.num_labels, cfg.budget, n_layers)
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    # The space runs twice per trial here (model_init, then hp_space): Optuna keeps the first constraint.
+    warnings.filterwarnings("ignore", message="The constraint value is ignored")
+
+    def hp_space(trial: Any) -> dict:
+        space(trial)
+        return {"learning_rate": trial.params["learning_rate"], "num_train_epochs": trial.params["epochs"]}
+
+    trained = [0]
+
+    def model_init(trial: Any) -> torch.nn.Module:
+        if trial is None:
+            return build_student(cfg.student, task.num_labels, task.label_names, seed=cfg.seed)
+        # transformers 5 builds the model before it applies hp_space (Optuna repeats the values).
+        if not space(trial)["feasible"] or trained[0] >= trials:
+            # Over budget or no layer: skipped like kdray skips it; `trials` configurations train.
+            if trained[0] >= trials:
+                trial.study.stop()
+            raise optuna.TrialPruned()
+        trained[0] += 1
+        student = dataclasses.replace(cfg.student, mode="lora", lora=lora_choice(trial.params, n_layers))
+        return build_student(student, task.num_labels, task.label_names, seed=cfg.seed)
+
+    class KDTrainer(Trainer):
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            labels = inputs.pop("labels")
+            outputs = model(**inputs)
+            with torch.no_grad():
+                t_logits = teacher_model(**inputs).logits
+            p = self._trial.params
+            loss, _, _ = kd_loss(outputs.logits, labels, t_logits, p["alpha"], p["temperature"])
+            return (loss, outputs) if return_outputs else loss
+
+    points: list[tuple[float, float]] = []
+    start = time.perf_counter()
+    epochs_done = [0]
+
+    class Clock(TrainerCallback):
+        def on_evaluate(self, args, state, control, metrics=None, **kw):
+            points.append((time.perf_counter() - start, metrics["eval_accuracy"]))
+            epochs_done[0] += 1
+
+    def accuracy(pred: Any) -> dict:
+        return {"accuracy": float((pred.predictions.argmax(-1) == pred.label_ids).mean())}
+
+    args = TrainingArguments(output_dir=str(out_dir), eval_strategy="epoch", save_strategy="no", report_to="none",
+                             per_device_train_batch_size=cfg.train.batch_size,
+                             per_device_eval_batch_size=cfg.train.eval_batch_size, weight_decay=cfg.train.weight_decay,
+                             warmup_steps=cfg.train.warmup_ratio, max_grad_norm=cfg.train.max_grad_norm,
+                             logging_strategy="no", disable_tqdm=True, seed=cfg.seed, use_cpu=device.type == "cpu",
+                             bf16=device.type == "cuda")
+    trainer = KDTrainer(model_init=model_init, args=args, train_dataset=enc["train"], eval_dataset=enc["validation"],
+                        data_collator=DataCollatorWithPadding(tok), compute_metrics=accuracy, callbacks=[Clock()])
+    best = trainer.hyperparameter_search(direction="maximize", backend="optuna", hp_space=hp_space,
+                                         n_trials=trials + cfg.search.max_rejections,
+                                         compute_objective=lambda m: m["eval_accuracy"],
+                                         sampler=optuna.samplers.TPESampler(seed=cfg.seed, multivariate=True))
+    wall = time.perf_counter() - start
+    return {"wall_s": wall, "trial_epochs": epochs_done[0], "best_val_accuracy": max(a for _, a in points),
+            "best_run_objective": best.objective, "curve": _best_so_far(points)}
+
+
+def _plot_curves(r: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for side, label in (("peer", "HF Trainer + Optuna, online teacher"), ("kdray", "kdray")):
+        pts = r[side]["curve"]  # from the first validation result on; nothing is known before it
+        ax.step([t for t, _ in pts] + [r[side]["wall_s"]], [a for _, a in pts] + [pts[-1][1]], where="post",
+                marker="o", markevery=list(range(len(pts))), label=f"{label}: done at {r[side]['wall_s']:.0f}s")
+    ax.set_xlim(left=0)
+    ax.set_xlabel("seconds since the search started")
+    ax.set_ylabel("best validation accuracy so far")
+    ax.set_title(f"{r['settings']['trials']} trials x {r['settings']['epochs']} epoch(s) on "
+                 f"{r['environment']['device_name']}")
+    ax.legend()
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    r["plot"] = str(path)
+
+
+def print_search(r: dict) -> None:
+    s = r["settings"]
+    print(f"search benchmark: {s['trials']} trials x {s['epochs']} epoch(s), {s['train_examples']:,} train examples, "
+          f"{r['environment']['device_name']}")
+    print(f"  {'system':<40} {'wall s':>8} {'trial-epochs/h':>15} {'best val acc':>13}")
+    for side, label in (("peer", "HF Trainer + Optuna (online teacher)"), ("kdray", "kdray")):
+        x = r[side]
+        print(f"  {label:<40} {x['wall_s']:>8.0f} {x['trial_epochs_per_hour']:>15.1f} {x['best_val_accuracy']:>13.4f}")
+    print(f"  kdray / peer: {r['trial_epochs_per_hour_ratio']:.2f}x trial-epochs per hour, "
+          f"{r['wall_ratio']:.2f}x less wall time, best val accuracy {r['best_val_accuracy_diff_pt']:+.1f} pt; "
+          f"curve {r.get('plot')}")
+    o = r["kdray"]["overhead"]
+    print(f"  kdray per-trial fixed cost {o['fixed_cost_s_mean']:.1f}s = {100 * o['fixed_share_of_trial_time']:.1f}% "
+          f"of trial time; trial slots busy {100 * o['busy_share_of_search_wall']:.1f}% of the search's wall time")
+
+
+# ----------------------------------------------------------------------------- the README table
+
+TABLE_START, TABLE_END = "<!-- bench-table -->", "<!-- /bench-table -->"
+
+
+def readme_table(results_dir: Path) -> str:
+    """The README's performance table, from the JSON files the bench commands wrote."""
+    rows = ["| what | kdray | the seeds' way / reference | ratio | command |", "|---|---|---|---|---|"]
+
+    def load(name: str) -> dict | None:
+        p = results_dir / f"{name}.json"
+        return json.loads(p.read_text()) if p.is_file() else None
+
+    for name in ("search-cpu", "search-quick-cpu"):
+        r = load(name)
+        if r is None:
+            continue
+        s, k, p = r["settings"], r["kdray"], r["peer"]
+        cmd = "python -m kdray.bench search" + (" --quick" if s["quick"] else "")
+        rows.append(f"| search, {s['trials']} trials x {s['epochs']} epoch(s), {s['train_examples']:,} RT sentences: "
+                    f"trial-epochs per hour | {k['trial_epochs_per_hour']:.1f} ({k['wall_s']:.0f} s) | "
+                    f"{p['trial_epochs_per_hour']:.1f} ({p['wall_s']:.0f} s; HF Trainer + Optuna, online teacher) | "
+                    f"**{r['trial_epochs_per_hour_ratio']:.2f}x** | `{cmd}` |")
+        rows.append(f"| same search: best validation accuracy | {k['best_val_accuracy']:.4f} | {p['best_val_accuracy']:.4f} "
+                    f"| {r['best_val_accuracy_diff_pt']:+.1f} pt | `{cmd}` |")
+    r = load("step-cpu")
+    if r is not None:
+        rows.append(f"| KD training step, samples/s ({r['settings']['models'].split(':')[0]}, batch "
+                    f"{r['settings']['batch_size']}) | {r['cached_samples_per_s']:.1f} (cached teacher logits) | "
+                    f"{r['online_samples_per_s']:.1f} (teacher forward per batch) | "
+                    f"**{r['speedup_cached_vs_online']:.2f}x** | `python -m kdray.bench step` |")
+        rows.append(f"| padding efficiency, real / padded tokens (batch {r['settings']['batch_size']}) | "
+                    f"{r['padding_efficiency_grouped']:.3f} (length-grouped) | {r['padding_efficiency_ungrouped']:.3f} "
+                    f"(random batches) | **{r['padding_efficiency_grouped'] / r['padding_efficiency_ungrouped']:.2f}x** "
+                    f"| `python -m kdray.bench step` |")
+    r = load("infer-cpu")
+    if r is not None:
+        m = r["models"]
+        rows.append(f"| latency p50 at batch 1, ms: student (merged) vs teacher | {m['student']['latency_ms_p50']:.2f} | "
+                    f"{m['teacher']['latency_ms_p50']:.2f} | **{r['speedup_student_vs_teacher_p50']:.2f}x** | "
+                    f"`python -m kdray.bench infer` |")
+        rows.append(f"| latency p50, ms: merged LoRA vs a plain model of the same shape | "
+                    f"{m['student']['latency_ms_p50']:.2f} | {m['plain']['latency_ms_p50']:.2f} | "
+                    f"{r['merged_vs_plain_p50']:.3f} | `python -m kdray.bench infer` |")
+        rows.append(f"| latency p50, ms: merged vs unmerged LoRA (unmerged / merged) | "
+                    f"{m['student']['latency_ms_p50']:.2f} | {m['student_unmerged']['latency_ms_p50']:.2f} | "
+                    f"{r['unmerged_vs_merged_p50']:.3f} | `python -m kdray.bench infer` |")
+        if "student_int8" in m:
+            rows.append(f"| latency p50, ms: int8 dynamic quantisation vs fp32 merged student | "
+                        f"{m['student_int8']['latency_ms_p50']:.2f} | {m['student']['latency_ms_p50']:.2f} | "
+                        f"{r['int8_vs_merged_p50']:.3f} ({100 * r['int8_prediction_agreement']:.1f}% same "
+                        f"predictions) | `python -m kdray.bench infer` |")
+    for name in ("search-cpu", "search-quick-cpu"):
+        r = load(name)
+        if r is None:
+            continue
+        o, s = r["kdray"]["overhead"], r["settings"]
+        cmd = "python -m kdray.bench search" + (" --quick" if s["quick"] else "")
+        rows.append(f"| kdray per-trial fixed cost (trial wall - training loop), {s['trials']} x {s['epochs']} search | "
+                    f"{o['fixed_cost_s_mean']:.1f} s = {100 * o['fixed_share_of_trial_time']:.1f}% of trial time | "
+                    f"target <= 5% | | `{cmd}` |")
+        rows.append(f"| kdray trial slots busy in the training loop, same search | "
+                    f"{100 * o['busy_share_of_search_wall']:.1f}% of wall time | target >= 85% | | `{cmd}` |")
+    return "\n".join(rows)
+
+
+def write_readme_table(readme: Path, results_dir: Path) -> bool:
+    """Put the table between the README's markers; True when it changed."""
+    text = readme.read_text()
+    head, rest = text.split(TABLE_START, 1)
+    _, tail = rest.split(TABLE_END, 1)
+    new = f"{head}{TABLE_START}\n{readme_table(results_dir)}\n{TABLE_END}{tail}"
+    readme.write_text(new)
+    return new != text
+
+
 def main(argv: list[str] | None = None) -> int:
     from kdray.config import add_space_arguments
 
     ap = argparse.ArgumentParser(prog="python -m kdray.bench", description="kdray benchmarks: print numbers, write JSON.")
+    ap.add_argument("--output-dir", default=str(RESULTS_DIR), help="where the JSON goes (default bench/results)")
     sub = ap.add_subparsers(dest="which", required=True)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
     st = sub.add_parser("step", help="cached-logits vs online-teacher KD step (samples/s), padding efficiency")
-    add_space_arguments(st, "data.max_length=128")
-    st.add_argument("--teacher", default=None, help="teacher model (default: the space's teacher)")
+    inf = sub.add_parser("infer", help="teacher vs merged / unmerged / int8 student: latency and throughput")
+    for p in (st, inf):
+        add_space_arguments(p, "data.max_length=128")
+        p.add_argument("--sizes", choices=["embedded", "base"], default="embedded",
+                       help="embedded models + Rotten Tomatoes (CPU), or BERT-base / 6-layer configs (GPU)")
+        p.add_argument("--max-length", type=int, default=128, help="--sizes base: longest sequence (default 128)")
+        p.add_argument("--device", default=device)
     st.add_argument("--steps", type=int, default=20, help="timed steps per mode (default 20)")
     st.add_argument("--warmup", type=int, default=3, help="untimed steps first (default 3)")
     st.add_argument("--batch-size", type=int, default=32, help="examples per step (default 32)")
-    st.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    st.add_argument("--output", default=None, help="JSON path (default bench/results/step-<device>.json)")
+    inf.add_argument("--runs", type=int, default=100, help="timed batch-1 passes per model (default 100)")
+    inf.add_argument("--warmup", type=int, default=10, help="untimed passes first (default 10)")
+    ov = sub.add_parser("overhead", help="per-trial fixed cost and busy share of a finished search")
+    ov.add_argument("--run", required=True, help="run directory (runs/<name>/)")
+    se = sub.add_parser("search", help="kdray vs HF Trainer.hyperparameter_search with an online-teacher KD Trainer")
+    add_space_arguments(se, "data.max_train_samples=2000")
+    se.add_argument("--quick", action="store_true", help="4 trials x 1 epoch (about 10 minutes on 2 CPU cores)")
+    se.add_argument("--trials", type=int, default=8, help="trials per system (default 8)")
+    se.add_argument("--epochs", type=int, default=2, help="epochs per trial (default 2)")
+    se.add_argument("--budget", type=float, default=None, help="trainable-parameter budget (default: the space's)")
+    sub.add_parser("readme", help="rewrite the README's performance table from bench/results/*.json")
     args = ap.parse_args(argv)
-    result = bench_step(args)
-    print_step(result)
-    out = Path(args.output or RESULTS_DIR / f"step-{torch.device(args.device).type}.json")
+    if args.which == "readme":
+        changed = write_readme_table(Path("README.md"), Path(args.output_dir))
+        print(f"README.md performance table {'updated' if changed else 'already up to date'} from {args.output_dir}")
+        return 0
+    run, show = {"step": (bench_step, print_step), "infer": (bench_infer, print_infer),
+                 "overhead": (bench_overhead, print_overhead), "search": (bench_search, print_search)}[args.which]
+    result = run(args)
+    show(result)
+    kind = result["environment"]["device"].split(":")[0]
+    name = {"search": f"search-{'quick-' if getattr(args, 'quick', False) else ''}{kind}",
+            "overhead": f"overhead-{Path(getattr(args, 'run', '')).name}"}.get(args.which, f"{args.which}-{kind}")
+    if getattr(args, "sizes", "embedded") == "base":
+        name += "-base"
+    out = Path(args.output_dir) / f"{name}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")
     print(f"wrote {out}")

@@ -455,7 +455,9 @@ def distill(job: DistillJob, data: DistillData, report: Report, *, rank: int = 0
                 say(f"epoch {epoch + 1}: non-finite loss, stopping (status {status})")
             report(row, None)
             break
+        t_eval = time.perf_counter()
         row.update(evaluate(model, data.validation, job, device, rank, world_size))
+        row[M.EVAL_SECONDS] = time.perf_counter() - t_eval
         row[M.STATUS] = M.STATUS_RUNNING if epoch + 1 < cfg.epochs else M.STATUS_COMPLETED
         history.append(row)
         if log and rank == 0:

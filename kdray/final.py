@@ -160,11 +160,20 @@ def device_name(device: torch.device) -> str:
 
 def weights_mb(model: nn.Module) -> float:
     """Size of the model's weights serialised as one safetensors file (what serving it as
-    loaded needs: an unmerged PEFT model counts base, adapter and its copy of the head)."""
+    loaded needs: an unmerged PEFT model counts base, adapter and its copy of the head). A
+    quantised model, whose state holds packed parameters safetensors cannot store, is measured
+    as `torch.save` writes it."""
+    import io
+
     from safetensors.torch import save
 
+    state = model.state_dict()
+    if any(not isinstance(t, torch.Tensor) or t.is_quantized for t in state.values()):
+        buf = io.BytesIO()
+        torch.save(state, buf)
+        return buf.tell() / 2**20
     seen, tensors = set(), {}
-    for name, t in model.state_dict().items():
+    for name, t in state.items():
         if t.data_ptr() in seen:
             continue
         seen.add(t.data_ptr())

@@ -22,6 +22,9 @@ STATUS = "status"
 STATUS_RUNNING, STATUS_COMPLETED, STATUS_DIVERGED = "running", "completed", "diverged"
 SAMPLES_PER_S = "train/samples_per_s"
 EPOCH_SECONDS = "time/epoch_s"
+"""Seconds of one epoch's training steps."""
+EVAL_SECONDS = "time/eval_s"
+"""Seconds of one epoch's validation pass."""
 
 
 def classification_metrics(confusion: np.ndarray, prefix: str) -> dict[str, float]:
