@@ -337,6 +337,43 @@ def _bucket(name: str, mask: np.ndarray, errors: np.ndarray, teacher_errors: np.
 # ----------------------------------------------------------------------------- the stage
 
 
+def score_runs(trained: list[tuple[dict, str]], job: Any, test: Any, device: torch.device, k: int, n_layers: int,
+               batch_size: int) -> tuple[dict[str, list[dict]], dict[str, tuple[dict, str]]]:
+    """Every retrained model's validation history and test scores, per variant, and the run of
+    each variant with the best last-epoch validation accuracy (chosen on validation, never test)."""
+    from kdray.distill import predict_logits
+
+    runs: dict[str, list[dict]] = {}
+    chosen: dict[str, tuple[dict, str]] = {}
+    best_val: dict[str, float] = {}
+    for case, path in trained:
+        model, history = load_trained(job, case, path, n_layers)
+        logits = predict_logits(model.to(device), test, batch_size, job.pad_token_id, device)
+        v = case["variant"]
+        row = {"seed": case["seed"], M.TRAINABLE_PARAMS: case[M.TRAINABLE_PARAMS],
+               M.VAL_ACCURACY: history[-1][M.VAL_ACCURACY], M.VAL_F1: history[-1][M.VAL_F1],
+               "val_accuracy_per_epoch": [h[M.VAL_ACCURACY] for h in history], **split_scores(logits, test.labels, k)}
+        runs.setdefault(v, []).append(row)
+        if v not in chosen or row[M.VAL_ACCURACY] > best_val[v]:
+            chosen[v], best_val[v] = (case, path), row[M.VAL_ACCURACY]
+    return {v: runs[v] for v in VARIANTS if v in runs}, chosen
+
+
+def save_student(unmerged: nn.Module, tokenizer: Any, final_dir: Path, cfg: RunConfig, case: dict,
+                 label_names: list[str]) -> Path:
+    """Save the PEFT adapter (`final/adapter/`), then merge the LoRA weights and save the student
+    as a plain Hugging Face classifier with its tokenizer (`final/student/`)."""
+    unmerged.save_pretrained(final_dir / ADAPTER_DIR)
+    merged = unmerged.merge_and_unload()
+    student_dir = final_dir / STUDENT_DIR
+    merged.save_pretrained(student_dir, safe_serialization=True)
+    tokenizer.save_pretrained(student_dir)
+    (student_dir / "kdray.json").write_text(json.dumps({
+        "run": cfg.name, "seed": case["seed"], M.TRAINABLE_PARAMS: case[M.TRAINABLE_PARAMS],
+        "label_names": label_names, "max_length": cfg.data.max_length}, indent=2))
+    return student_dir
+
+
 @dataclasses.dataclass
 class FinalResult:
     final_dir: Path
@@ -387,33 +424,10 @@ def run_final(cfg: RunConfig, task: Any, run_dir: Path, n_layers: int, *, seeds:
     texts = list(task.splits["test"]["text"])
     bs = cfg.final.throughput_batch_size
 
-    runs: dict[str, list[dict]] = {v: [] for v in VARIANTS}
-    chosen: dict[str, tuple[dict, str]] = {}
-    for case, path in trained:
-        model, history = load_trained(job, case, path, n_layers)
-        logits = predict_logits(model.to(device), s_test, bs, job.pad_token_id, device)
-        row = {"seed": case["seed"], M.TRAINABLE_PARAMS: case[M.TRAINABLE_PARAMS],
-               M.VAL_ACCURACY: history[-1][M.VAL_ACCURACY], M.VAL_F1: history[-1][M.VAL_F1],
-               "val_accuracy_per_epoch": [h[M.VAL_ACCURACY] for h in history], **split_scores(logits, labels, k)}
-        runs[case["variant"]].append(row)
-        v = case["variant"]
-        if v not in chosen or row[M.VAL_ACCURACY] > _val_of(runs[v], chosen[v][0]["seed"]):
-            chosen[v] = (case, path)  # best by validation, never by test
-        del model
-    runs = {v: rs for v, rs in runs.items() if rs}
+    runs, chosen = score_runs(trained, job, s_test, device, k, n_layers, bs)
 
-    # Merge the chosen student's LoRA and save it as a plain Hugging Face classifier.
     case, path = chosen["student"]
-    unmerged, _ = load_trained(job, case, path, n_layers)
-    unmerged.save_pretrained(final_dir / ADAPTER_DIR)
-    merged = unmerged.merge_and_unload()
-    student_dir = final_dir / STUDENT_DIR
-    merged.save_pretrained(student_dir, safe_serialization=True)
-    s_tok.save_pretrained(student_dir)
-    (student_dir / "kdray.json").write_text(json.dumps({
-        "run": cfg.name, "seed": case["seed"], M.TRAINABLE_PARAMS: case[M.TRAINABLE_PARAMS],
-        "label_names": task.label_names, "max_length": cfg.data.max_length}, indent=2))
-    del merged, unmerged
+    student_dir = save_student(load_trained(job, case, path, n_layers)[0], s_tok, final_dir, cfg, case, task.label_names)
 
     print(f"final: benchmarking on {device_name(device)}: {len(s_test)} test examples, batch 1 x "
           f"{cfg.final.latency_runs} and batch {bs}")
@@ -471,10 +485,6 @@ def run_final(cfg: RunConfig, task: Any, run_dir: Path, n_layers: int, *, seeds:
     print(f"final: done in {record['seconds']:.0f}s; merged vs unmerged logits differ by at most {merge_diff:.2e}; "
           f"student saved to {student_dir}")
     return FinalResult(final_dir, record)
-
-
-def _val_of(rows: list[dict], seed: int) -> float:
-    return next(r[M.VAL_ACCURACY] for r in rows if r["seed"] == seed)
 
 
 def _merged(model: nn.Module) -> nn.Module:
