@@ -62,3 +62,10 @@ def smoke_run(ray_cluster, tmp_path_factory) -> Path:
     main(["--space", "smoke", "--trials", "6", "--output-dir", str(out), "--wandb", "offline",
           "--set", "space.learning_rate=[0.01, 0.3]", "--set", "search.concurrency=2"])
     return out / "smoke"
+
+
+def pytest_collection_modifyitems(config, items):
+    """Run the `cluster` tests (their own two-node Ray cluster started with `ray start`) before
+    anything starts the session's local cluster: with both on one 2-core machine, the two-node
+    cluster's Train worker groups timed out starting in CI."""
+    items.sort(key=lambda item: item.get_closest_marker("cluster") is None)
