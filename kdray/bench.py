@@ -24,7 +24,6 @@ random token sequences of Rotten Tomatoes' length distribution: no hub, no data 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import platform
 import time
@@ -39,18 +38,10 @@ RESULTS_DIR = Path("bench") / "results"
 
 
 def _environment(device: torch.device) -> dict:
-    import importlib.metadata as md
-
-    from kdray.final import device_name
-
-    def version(pkg: str) -> str | None:
-        try:
-            return md.version(pkg)
-        except md.PackageNotFoundError:
-            return None
+    from kdray.final import device_name, package_version
 
     return {"device": str(device), "device_name": device_name(device), "cpu_threads": torch.get_num_threads(),
-            **{pkg: version(pkg) for pkg in ("torch", "transformers", "peft", "ray", "optuna")},
+            **{pkg: package_version(pkg) for pkg in ("torch", "transformers", "peft", "ray", "optuna")},
             "python": platform.python_version(), "timestamp": datetime.now(timezone.utc).isoformat(timespec="seconds")}
 
 
@@ -360,7 +351,7 @@ def run_peer(cfg: Any, task: Any, teacher: Any, n_layers: int, trials: int, out_
 
     from kdray.distill import kd_loss
     from kdray.models import build_student, from_pretrained_dir, load_tokenizer
-    from kdray.search import BudgetedSpace, lora_choice
+    from kdray.search import BudgetedSpace, case_student
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     tok = load_tokenizer(cfg.student)
@@ -391,7 +382,7 @@ def run_peer(cfg: Any, task: Any, teacher: Any, n_layers: int, trials: int, out_
                 trial.study.stop()
             raise optuna.TrialPruned()
         trained[0] += 1
-        student = dataclasses.replace(cfg.student, mode="lora", lora=lora_choice(trial.params, n_layers))
+        student = case_student(cfg.student, trial.params, n_layers)
         return build_student(student, task.num_labels, task.label_names, seed=cfg.seed)
 
     class KDTrainer(Trainer):

@@ -71,7 +71,7 @@ def final_cases(cfg: RunConfig, best: dict[str, Any], n_layers: int, num_labels:
     `seed` and, for the head-only baseline, `mode: head`; `trainable_params` is counted here
     exactly as the budget counts it."""
     from kdray.budget import count
-    from kdray.search import lora_choice
+    from kdray.search import case_student
 
     lora = best["student"]["lora"]
     layers = lora["layers"]
@@ -87,10 +87,7 @@ def final_cases(cfg: RunConfig, best: dict[str, Any], n_layers: int, num_labels:
     for i in range(seeds):
         for variant, change in variants.items():
             case = {**flat, **change, "variant": variant, "seed": cfg.seed + i}
-            mode = case.get("mode", "lora")
-            student = dataclasses.replace(cfg.student, mode=mode,
-                                          lora=lora_choice(case, n_layers) if mode == "lora" else cfg.student.lora)
-            case[M.TRAINABLE_PARAMS] = count(student, num_labels)
+            case[M.TRAINABLE_PARAMS] = count(case_student(cfg.student, case, n_layers), num_labels)
             cases.append(case)
     return cases
 
@@ -156,6 +153,16 @@ def device_name(device: torch.device) -> str:
     except OSError:
         pass
     return f"{name} ({torch.get_num_threads()} threads)"
+
+
+def package_version(pkg: str) -> str:
+    """The installed version of `pkg`, or "unknown"."""
+    import importlib.metadata as md
+
+    try:
+        return md.version(pkg)
+    except md.PackageNotFoundError:
+        return "unknown"
 
 
 def weights_mb(model: nn.Module) -> float:
@@ -404,8 +411,9 @@ def run_final(cfg: RunConfig, task: Any, run_dir: Path, n_layers: int, *, seeds:
         print(f"final: replacing the earlier final stage in {final_dir}")
         shutil.rmtree(final_dir)
     final_dir.mkdir(parents=True)
-    storage = storage_join(storage_root(cfg, run_dir), FINAL_DIR)
-    teacher = prepare_teacher(cfg, task, storage_path=storage_join(storage_root(cfg, run_dir), "train"))
+    root = storage_root(cfg, run_dir)
+    storage = storage_join(root, FINAL_DIR)
+    teacher = prepare_teacher(cfg, task, storage_path=storage_join(root, "train"))
     train = dataclasses.replace(cfg.train, alpha=float(best["train"]["alpha"]))
     job, data = distill_inputs(cfg, task, teacher, train=train)
     cases = final_cases(cfg, best, n_layers, task.num_labels, seeds)

@@ -46,9 +46,10 @@ def wandb_mode_of(arg: str | None) -> str:
 
 def build_results(run_dir: Path) -> dict[str, Any]:
     """Everything the report shows, as plain data (validated against the schema)."""
-    import importlib.metadata as md
-
     import pyarrow.parquet as pq
+
+    from kdray.final import package_version
+    from kdray.search import status_counts
 
     cfg = yaml.safe_load((run_dir / "config.yaml").read_text())
     best = yaml.safe_load((run_dir / "best_config.yaml").read_text())
@@ -57,12 +58,6 @@ def build_results(run_dir: Path) -> dict[str, Any]:
     summary_file = run_dir / "search" / "summary.json"
     summary = json.loads(summary_file.read_text()) if summary_file.is_file() else {}
     bench, variants = final["benchmark"], final["variants"]
-
-    def version(pkg: str) -> str:
-        try:
-            return md.version(pkg)
-        except md.PackageNotFoundError:
-            return "unknown"
 
     comparison: dict[str, Any] = {}
     t, s = bench["teacher"], bench["student"]
@@ -85,12 +80,12 @@ def build_results(run_dir: Path) -> dict[str, Any]:
         comparison["merged_vs_plain_latency_ratio"] = s["latency_ms_p50"] / bench["head_only"]["latency_ms_p50"]
     comparison["merge_max_abs_logit_diff"] = final["merge_max_abs_logit_diff"]
 
-    counts = {st: sum(r["status"] == st for r in rows) for st in ("completed", "stopped early", "failed")}
+    counts = status_counts(rows)
     return {
         "schema": SCHEMA_ID,
         "run": {"name": cfg["name"], "budget": cfg["budget"], "seed": cfg["seed"],
                 "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-                "versions": {p: version(p) for p in ("kdray", "torch", "transformers", "peft", "ray", "optuna")},
+                "versions": {p: package_version(p) for p in ("kdray", "torch", "transformers", "peft", "ray", "optuna")},
                 "data": final["data"], "teacher_model": final["teacher"]["model"],
                 "student_model": cfg["student"]["name"] or f"inline {cfg['student']['config']['model_type']} config"},
         "search": {"trials": len(rows), "completed": counts["completed"], "stopped_early": counts["stopped early"],

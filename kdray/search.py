@@ -136,10 +136,16 @@ def trial_job(template: Any, config: dict[str, Any], n_layers: int) -> Any:
     sets `seed` and may set `mode: head` (the frozen-encoder baseline)."""
     train = dataclasses.replace(template.train, alpha=float(config["alpha"]), temperature=float(config["temperature"]),
                                 learning_rate=float(config["learning_rate"]), epochs=int(config["epochs"]))
+    return dataclasses.replace(template, model=case_student(template.model, config, n_layers), train=train,
+                               seed=int(config.get("seed", template.seed)))
+
+
+def case_student(student: Any, config: dict[str, Any], n_layers: int) -> Any:
+    """`student` as a configuration trains it: LoRA as sampled, or `mode: head` (the final
+    stage's frozen-encoder baseline), which keeps the student's own LoRA fields unused."""
     mode = config.get("mode", "lora")
-    lora = lora_choice(config, n_layers) if mode == "lora" else template.model.lora
-    student = dataclasses.replace(template.model, mode=mode, lora=lora)
-    return dataclasses.replace(template, model=student, train=train, seed=int(config.get("seed", template.seed)))
+    lora = lora_choice(config, n_layers) if mode == "lora" else student.lora
+    return dataclasses.replace(student, mode=mode, lora=lora)
 
 
 def run_trial(config: dict[str, Any], refs: dict[str, Any]) -> None:
@@ -151,7 +157,7 @@ def run_trial(config: dict[str, Any], refs: dict[str, Any]) -> None:
 
     from kdray.cluster import distill_worker, fit
 
-    job = trial_job(refs["job"], config.get("case", config), refs["n_layers"])
+    job = trial_job(refs["job"], case_of(config), refs["n_layers"])
     ctx = ray.tune.get_context()
     fit(distill_worker, {"job": job, "data": refs["data"]}, name=f"trial-{ctx.get_trial_id()}",
         storage_path=refs["storage"], resources=refs["resources"], max_failures=refs["max_failures"],
@@ -178,10 +184,10 @@ def progress_callback(n_layers: int, label: Any = None) -> Any:
                 print(f"{'trial':<16} {'alpha':>5} {'T':>5} {'r':>3} {'layers':<12} {'params':>9} {'epoch':>5} "
                       f"{'val acc':>7}  status", flush=True)
                 self.header = True
-            c = config_of(trial)
-            layers = lora_choice(c, n_layers).layers if c.get("mode", "lora") == "lora" else None
-            shown = "all" if layers is None else ",".join(map(str, layers))
-            r = c["lora_r"] if c.get("mode", "lora") == "lora" else "-"
+            c = case_of(trial.config)
+            lora = lora_choice(c, n_layers) if c.get("mode", "lora") == "lora" else None  # None: head only
+            shown = "all" if lora is None or lora.layers is None else ",".join(map(str, lora.layers))
+            r = "-" if lora is None else lora.r
             acc = result.get(METRIC)
             print(f"{label(trial):<16} {c['alpha']:>5.2f} {c['temperature']:>5.2f} {r:>3} {shown:<12} "
                   f"{c[M.TRAINABLE_PARAMS]:>9,} {result.get(M.EPOCHS_DONE, 0):>5} "
@@ -192,7 +198,7 @@ def progress_callback(n_layers: int, label: Any = None) -> Any:
 
         def on_trial_complete(self, iteration, trials, trial, **info):
             result = trial.last_result or {}
-            done = result.get(M.EPOCHS_DONE, 0) >= config_of(trial)["epochs"]
+            done = result.get(M.EPOCHS_DONE, 0) >= case_of(trial.config)["epochs"]
             self._line(trial, result, "completed" if done else "stopped early")
 
         def on_trial_error(self, iteration, trials, trial, **info):
@@ -201,9 +207,9 @@ def progress_callback(n_layers: int, label: Any = None) -> Any:
     return Progress()
 
 
-def config_of(trial: Any) -> dict[str, Any]:
-    """A trial's configuration: the sampled one, or the final stage's `case`."""
-    return trial.config.get("case", trial.config)
+def case_of(config: dict[str, Any]) -> dict[str, Any]:
+    """A trial's configuration: the sampled one, or the final stage's `{"case": ...}`."""
+    return config.get("case", config)
 
 
 # ----------------------------------------------------------------------------- results
@@ -255,6 +261,11 @@ def write_results(result: "SearchResult") -> None:
                                                      "trials": len(result.rows)}, indent=2))
     if result.best is not None:
         (result.run_dir / "best_config.yaml").write_text(yaml.safe_dump(result.best, sort_keys=False))
+
+
+def status_counts(rows: list[dict]) -> dict[str, int]:
+    """Trials per status: completed, stopped early, failed."""
+    return {s: sum(r["status"] == s for r in rows) for s in ("completed", "stopped early", "failed")}
 
 
 def best_config(rows: list[dict], cfg: RunConfig) -> dict | None:
@@ -484,7 +495,7 @@ def fit_resources(cfg: RunConfig) -> Any:
 
 
 def summarize(result: SearchResult, cfg: RunConfig) -> None:
-    counts = {s: sum(r["status"] == s for r in result.rows) for s in ("completed", "stopped early", "failed")}
+    counts = status_counts(result.rows)
     print(f"search done in {result.seconds:.0f}s: {counts['completed']} completed, {counts['stopped early']} stopped early, "
           f"{counts['failed']} failed, {result.rejected} infeasible configs (over budget, or no layer) rejected before training")
     b = result.best
