@@ -139,12 +139,20 @@ def _keep_layers(model: nn.Module, keep: list[int]) -> None:
 def head_modules(model: nn.Module) -> list[str]:
     """Top-level modules outside the pretrained backbone that hold weights: the new head.
 
-    BERT `classifier`; DistilBERT `pre_classifier` and `classifier` (PEFT's SEQ_CLS default
-    saves only `classifier`/`score`, which would leave `pre_classifier` frozen at random init);
-    RoBERTa `classifier` (dense + out_proj).
+    Every family's head is then a dense + tanh/ReLU layer and the output linear: BERT
+    `bert.pooler` and `classifier`; DistilBERT `pre_classifier` and `classifier` (PEFT's SEQ_CLS
+    default saves only `classifier`/`score`, which would leave `pre_classifier` frozen at random
+    init); RoBERTa `classifier` (dense + out_proj). BERT's pooler sits inside the backbone but is
+    the classifier's input layer; frozen, a student of a model whose pooler was never trained for
+    classification (sentence-transformers checkpoints such as all-MiniLM-L6-v2) reads features that
+    barely vary, and a head-only baseline stays at chance.
     """
     backbone = model.base_model_prefix
-    return [n for n, m in model.named_children() if n != backbone and any(True for _ in m.parameters())]
+    heads = [n for n, m in model.named_children() if n != backbone and any(True for _ in m.parameters())]
+    pooler = getattr(getattr(model, backbone, None), "pooler", None)
+    if isinstance(pooler, nn.Module) and any(True for _ in pooler.parameters()):
+        heads.insert(0, f"{backbone}.pooler")
+    return heads
 
 
 def resolve_target_modules(model: nn.Module, lora: LoraChoice) -> list[str]:

@@ -89,12 +89,12 @@ def run_budget(*args: str) -> subprocess.CompletedProcess:
 def test_budget_cli_prints_count_and_feasible_ranks():
     r = run_budget("--space", "smoke", "--budget", "1e5")
     assert r.returncode == 0, r.stderr
-    assert "trainable parameters: 1,090  (budget 100,000: fits" in r.stdout
-    assert "q,v" in r.stdout and "390" in r.stdout  # (100000 - 66) // 256
+    assert "trainable parameters: 2,146  (budget 100,000: fits" in r.stdout
+    assert "q,v" in r.stdout and "386" in r.stdout  # (100000 - 1122 head) // 256
 
 
 @pytest.mark.parametrize("args, needle", [
-    (["--budget", "100"], "below the smallest feasible student of this space (578"),
+    (["--budget", "100"], "below the smallest feasible student of this space (1,634"),
     (["--set", "data.source=missing.csv"], "missing.csv: no such file"),
     (["--set", "student.lora.target_modules=[q, nope]"], "'nope' is not a linear module of a bert layer"),
     (["--set", "student.keep_layers=[0, 9]"], "out of range"),

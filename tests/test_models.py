@@ -30,7 +30,8 @@ def test_embedded_student_budget_matches_the_real_model():
 
     spec = StudentConfig(name="embedded:minilm-l6", keep_layers=[0, 2, 4], lora=LoraChoice(r=8, target_modules=["q", "v"]))
     real = build_student(spec, 2)
-    assert count(spec, 2) == real.get_nb_trainable_parameters()[0] == 3 * 2 * 8 * (384 + 384) + 384 * 2 + 2
+    pooler, classifier = 384 * 384 + 384, 384 * 2 + 2  # the head: BERT's pooler and the output layer
+    assert count(spec, 2) == real.get_nb_trainable_parameters()[0] == 3 * 2 * 8 * (384 + 384) + pooler + classifier
 
 
 @pytest.mark.parametrize("arch, alias, expected", [
@@ -49,7 +50,7 @@ def test_aliases_resolve_per_architecture(arch, alias, expected):
 def test_head_modules_are_the_new_layers():
     heads = {arch: head_modules(build_model(ModelConfig(config=c, tokenizer="x"), 2, device="meta"))
              for arch, c in TINY_CONFIGS.items()}
-    assert heads == {"bert": ["classifier"], "distilbert": ["pre_classifier", "classifier"], "roberta": ["classifier"]}
+    assert heads == {"bert": ["bert.pooler", "classifier"], "distilbert": ["pre_classifier", "classifier"], "roberta": ["classifier"]}
 
 
 def test_unknown_target_module_names_the_choices():
