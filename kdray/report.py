@@ -90,7 +90,7 @@ def build_results(run_dir: Path) -> dict[str, Any]:
                 "student_model": cfg["student"]["name"] or f"inline {cfg['student']['config']['model_type']} config"},
         "search": {"trials": len(rows), "completed": counts["completed"], "stopped_early": counts["stopped early"],
                    "failed": counts["failed"], "rejected_over_budget": summary.get("rejected"),
-                   "seconds": summary.get("seconds"), "best": best,
+                   "seconds": summary.get("seconds"), "test_reads": summary.get("test_reads"), "best": best,
                    "trials_table": [{k: r[k] for k in ("trial_id", "alpha", "temperature", "learning_rate", "lora_r",
                                                         "lora_alpha", "target_modules", "layers", M.TRAINABLE_PARAMS,
                                                         "best_val_accuracy", "epochs_run", "status")}
@@ -296,6 +296,17 @@ def _verdict(c: dict[str, Any]) -> str:
     return spread + f" -> yes, {diff / se:.1f} standard errors" if se > 0 else spread + " -> yes"
 
 
+def _test_split_sentence(during_search: list[str] | None, by_final: list[str] | None) -> str:
+    """What the run recorded about the test split (`TaskData.test_reads`), in words."""
+    if during_search is None or by_final is None:
+        return "This run did not record who read the test split."
+    if during_search:
+        return (f"**Warning: the test split was opened during the search (by {', '.join(during_search)}): "
+                "selection may have seen it.**")
+    return (f"Selection used the validation split only: nothing had opened the test split when the search ended; "
+            f"the final stage opened it {len(by_final)} time(s) ({', '.join(by_final)}).")
+
+
 def render_markdown(results: dict[str, Any], skipped: dict[str, str]) -> str:
     run, search, teacher = results["run"], results["search"], results["teacher"]
     variants, bench, cmp_ = results["variants"], results["benchmark"], results["comparison"]
@@ -314,7 +325,7 @@ def render_markdown(results: dict[str, Any], skipped: dict[str, str]) -> str:
         f"the budget), {st['total_params_ratio']:.1f}x fewer parameters in all, {st['size_ratio']:.1f}x smaller on "
         f"disk and {st['latency_speedup_p50']:.2f}x faster at batch 1 on {fin['device']}.**",
         "",
-        "Selection used the validation split only; the test split was read once, by the final stage. "
+        f"{_test_split_sentence(search['test_reads'], run['data'].get('test_reads'))} "
         f"Test figures of the retrained models are mean ± std over {fin['seeds']} seed(s).",
         "",
         "## Search",

@@ -258,7 +258,8 @@ def write_results(result: "SearchResult") -> None:
     search.mkdir(parents=True, exist_ok=True)
     pq.write_table(pa.Table.from_pylist(result.rows), search / "trials.parquet")
     (search / "summary.json").write_text(json.dumps({"seconds": result.seconds, "rejected": result.rejected,
-                                                     "trials": len(result.rows)}, indent=2))
+                                                     "trials": len(result.rows), "test_reads": result.test_reads},
+                                                    indent=2))
     if result.best is not None:
         (result.run_dir / "best_config.yaml").write_text(yaml.safe_dump(result.best, sort_keys=False))
 
@@ -407,6 +408,8 @@ class SearchResult:
     rejected: int
     run_dir: Path
     seconds: float
+    test_reads: list[str] = dataclasses.field(default_factory=list)
+    """Who had opened the test split when selection ended (`TaskData.test_reads`): empty."""
 
 
 def run_search(cfg: RunConfig, task: Any, run_dir: Path, n_layers: int, *, resume: bool = False,
@@ -460,7 +463,8 @@ def run_search(cfg: RunConfig, task: Any, run_dir: Path, n_layers: int, *, resum
     grid = tuner.fit()
     rows = trial_rows(grid, cfg.budget, n_layers)
     best = best_config(rows, cfg)
-    result = SearchResult(rows, best, count_rejected(storage_url, cfg.name), run_dir, time.perf_counter() - t0)
+    result = SearchResult(rows, best, count_rejected(storage_url, cfg.name), run_dir, time.perf_counter() - t0,
+                          list(task.test_reads))
     write_results(result)
     return result
 

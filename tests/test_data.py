@@ -14,13 +14,18 @@ from kdray.models import load_tokenizer
 from kdray.config import ModelConfig
 
 
+def split_of(task, name: str):
+    """A split of `task`, the sealed test split included (read as `tests`)."""
+    return task.read_test("tests") if name == "test" else task.splits[name]
+
+
 def check_shape(task, labels: list[str]):
     """The one shape every source loads into."""
     assert task.label_names == labels
-    assert list(task.splits) == list(SPLITS)
+    assert list(task.splits) == ["train", "validation"]  # the test split is sealed
     ids = []
     for split in SPLITS:
-        ds = task.splits[split]
+        ds = split_of(task, split)
         assert {"text", "label", "example_id"} <= set(ds.column_names)
         assert len(ds) > 0
         assert all(isinstance(t, str) and t.strip() for t in list(ds["text"]))
@@ -37,14 +42,14 @@ def label_share(ds) -> pd.Series:
 
 def test_embedded_rotten_tomatoes_sizes_and_stratification():
     task = check_shape(load_data(DataConfig(source="embedded:rotten_tomatoes")), ["negative", "positive"])
-    assert [len(task.splits[s]) for s in SPLITS] == [6824, 853, 853]
+    assert [len(split_of(task, s)) for s in SPLITS] == [6824, 853, 853]
     for s in SPLITS:  # stratified: each split keeps the 50/50 balance to within one row
-        assert abs(label_share(task.splits[s])[0] - 0.5) <= 1 / len(task.splits[s])
+        assert abs(label_share(split_of(task, s))[0] - 0.5) <= 1 / len(split_of(task, s))
 
 
 def test_embedded_imdb_sizes():
     task = check_shape(load_data(DataConfig(source="embedded:imdb")), ["negative", "positive"])
-    assert [len(task.splits[s]) for s in SPLITS] == [20000, 2500, 2500]
+    assert [len(split_of(task, s)) for s in SPLITS] == [20000, 2500, 2500]
 
 
 def test_splits_are_deterministic_for_a_seed_and_change_with_it():
@@ -52,8 +57,8 @@ def test_splits_are_deterministic_for_a_seed_and_change_with_it():
     b = load_data(DataConfig(seed=1))
     c = load_data(DataConfig(seed=2))
     assert a.fingerprint == b.fingerprint
-    assert list(a.splits["test"]["example_id"]) == list(b.splits["test"]["example_id"])
-    assert list(a.splits["test"]["example_id"]) != list(c.splits["test"]["example_id"])
+    assert list(split_of(a, "test")["example_id"]) == list(split_of(b, "test")["example_id"])
+    assert list(split_of(a, "test")["example_id"]) != list(split_of(c, "test")["example_id"])
     assert a.fingerprint != c.fingerprint
 
 
@@ -62,20 +67,20 @@ def test_subsampling_train_leaves_validation_and_test_alone():
     small = load_data(DataConfig(max_train_samples=100, max_validation_samples=50))
     assert len(small.splits["train"]) == 100 and len(small.splits["validation"]) == 50
     assert set(list(small.splits["train"]["example_id"])) <= set(list(full.splits["train"]["example_id"]))
-    assert list(small.splits["test"]["example_id"]) == list(full.splits["test"]["example_id"])
+    assert list(split_of(small, "test")["example_id"]) == list(split_of(full, "test")["example_id"])
     assert label_share(small.splits["train"]).tolist() == [0.5, 0.5]
 
 
 @pytest.mark.parametrize("name, encoding_note", [("Sentences_AllAgree.txt", "utf-8"), ("Sentences_50Agree.txt", "latin-1")])
 def test_financial_phrasebank_original_format(fpb_dir, name, encoding_note):
     task = check_shape(load_data(DataConfig(source=str(fpb_dir / name))), ["negative", "neutral", "positive"])
-    total = sum(len(task.splits[s]) for s in SPLITS)
+    total = sum(len(split_of(task, s)) for s in SPLITS)
     assert total == {"Sentences_AllAgree.txt": 2264, "Sentences_50Agree.txt": 4846}[name]
     assert all("@" not in t[-10:] for t in list(task.splits["train"]["text"])[:50])
     if encoding_note == "latin-1":  # decoded, not mangled: the file has latin-1 characters
         raw = (fpb_dir / name).read_bytes()
         assert any(b > 127 for b in raw)
-        texts = list(task.splits["train"]["text"]) + list(task.splits["validation"]["text"]) + list(task.splits["test"]["text"])
+        texts = list(task.splits["train"]["text"]) + list(task.splits["validation"]["text"]) + list(split_of(task, "test")["text"])
         assert any(any(ord(ch) > 127 for ch in t) for t in texts)
 
 
@@ -88,7 +93,7 @@ def test_csv_with_header_and_string_labels(tmp_path):
     pd.DataFrame({"review": [r["text"] for r in make_rows()], "sentiment": ["pos", "neg"] * 30}).to_csv(f, index=False)
     task = load_data(DataConfig(source=str(f), text_columns=["review"], label_column="sentiment"))
     check_shape(task, ["neg", "pos"])
-    assert [len(task.splits[s]) for s in SPLITS] == [48, 6, 6]
+    assert [len(split_of(task, s)) for s in SPLITS] == [48, 6, 6]
 
 
 def test_headerless_tsv_by_position_with_one_based_labels_and_joined_columns(tmp_path):
@@ -99,7 +104,7 @@ def test_headerless_tsv_by_position_with_one_based_labels_and_joined_columns(tmp
     names = ["World", "Sports", "Business", "Sci/Tech"]
     task = check_shape(load_data(DataConfig(source=str(f), header=False, text_columns=[1, 2], label_column=0,
                                             label_names=names)), names)
-    row = next(r for s in SPLITS for r in task.splits[s] if r["example_id"] == 5)
+    row = next(r for s in SPLITS for r in split_of(task, s) if r["example_id"] == 5)
     assert row["text"] == "title 5 description of item 5" and row["label"] == 1  # class index 2 -> id 1
 
 
@@ -122,7 +127,7 @@ def test_one_file_per_split_keeps_them_and_gives_stable_ids(tmp_path):
                                 validation_file=str(tmp_path / "validation.csv"), test_file=str(tmp_path / "test.csv")))
     check_shape(task, ["0", "1"])
     assert list(task.splits["validation"]["example_id"]) == list(range(60, 75))
-    assert list(task.splits["test"]["text"]) == [r["text"] for r in rows[75:]]
+    assert list(split_of(task, "test")["text"]) == [r["text"] for r in rows[75:]]
 
 
 def test_text_pair_column(tmp_path):
@@ -167,7 +172,7 @@ def test_hub_layout_directory_loads_through_datasets(tmp_path):
     for s in dd:
         dd[s].to_parquet(str(tmp_path / "data" / f"{s}-00000-of-00001.parquet"))
     task = check_shape(load_data(DataConfig(source=str(tmp_path))), ["World", "Sports", "Business", "Sci/Tech"])
-    assert len(task.splits["test"]) == 40  # kept; validation carved from train
+    assert len(split_of(task, "test")) == 40  # kept; validation carved from train
     assert len(task.splits["validation"]) == 12 and len(task.splits["train"]) == 108  # 10 % of train
 
 

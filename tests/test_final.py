@@ -75,7 +75,8 @@ def test_the_saved_student_loads_in_a_pipeline_and_equals_the_unmerged_one(smoke
     # Merged (the saved student) vs unmerged (the base student + the saved PEFT adapter), on test.
     cfg = load_config(run / "config.yaml")
     task = load_data(cfg.data)
-    test = Split.from_dataset(tokenize(task, load_tokenizer(cfg.student), cfg.data.max_length)[0]["test"])
+    test_split = task.read_test("tests")
+    test = Split.from_dataset(tokenize(task, load_tokenizer(cfg.student), cfg.data.max_length, test=test_split)[0]["test"])
     seed = results["variants"]["student"]["chosen_seed"]
     base = build_model(cfg.student, task.num_labels, task.label_names, seed=seed)
     unmerged = PeftModel.from_pretrained(base, run / "final" / "adapter").eval()
@@ -83,12 +84,38 @@ def test_the_saved_student_loads_in_a_pipeline_and_equals_the_unmerged_one(smoke
     pad = load_tokenizer(cfg.student).pad_token_id
     a = predict_logits(merged, test, 64, pad, torch.device("cpu"))
     b = predict_logits(unmerged, test, 64, pad, torch.device("cpu"))
-    assert a.shape == (len(task.splits["test"]), 2)
+    assert a.shape == (len(test_split), 2)
     assert np.abs(a - b).max() < 1e-4
     assert results["comparison"]["merge_max_abs_logit_diff"] < 1e-4
     # The shipped student's test accuracy is what the report says for its seed.
     shipped = next(r for r in results["variants"]["student"]["runs"] if r["seed"] == seed)
     assert shipped[M.TEST_ACCURACY] == pytest.approx(float((a.argmax(-1) == test.labels).mean()))
+
+
+def test_selection_never_reads_the_test_split(smoke_run):
+    """The test split is sealed in `TaskData` (read only through `read_test`, which records the
+    reader): when the search ended nothing had opened it, the final stage opened it once, and what
+    the trials trained and selected on (the teacher's cached logits) holds no test example."""
+    from kdray.config import load_config
+    from kdray.data import SELECTION_SPLITS, load_data
+    from kdray.distill import TeacherLogits
+    from kdray.teacher import prepare_teacher
+
+    run = smoke_run
+    assert json.loads((run / "search" / "summary.json").read_text())["test_reads"] == []
+    final = json.loads((run / "final" / "final.json").read_text())
+    assert final["data"]["test_reads"] == ["final"]
+    assert "nothing had opened the test split when the search ended" in (run / "report.md").read_text()
+
+    cfg = load_config(run / "config.yaml")
+    task = load_data(cfg.data)
+    assert list(task.splits) == list(SELECTION_SPLITS) and task.test_reads == []
+    teacher = prepare_teacher(cfg, task, log=False)
+    assert teacher.cache_hit  # the run's own teacher, not a new one
+    logits = TeacherLogits.from_parquet(teacher.logits_path)
+    test_ids = set(task.read_test("tests")["example_id"])
+    selection_ids = {i for s in SELECTION_SPLITS for i in task.splits[s]["example_id"]}
+    assert set(logits.example_ids.tolist()) == selection_ids and not selection_ids & test_ids
 
 
 def test_baselines_train_without_kd_and_with_a_frozen_encoder(smoke_run):
