@@ -84,8 +84,10 @@ def final_cases(cfg: RunConfig, best: dict[str, Any], n_layers: int, num_labels:
     if cfg.final.baselines:
         variants.update({"no_kd": {"alpha": 1.0}, "head_only": {"mode": "head"}})
     cases = []
-    for i in range(seeds):
-        for variant, change in variants.items():
+    # Variant by variant, the cheap head-only runs last: they fill the slots the last long runs
+    # leave idle instead of a long run finishing alone.
+    for variant, change in variants.items():
+        for i in range(seeds):
             case = {**flat, **change, "variant": variant, "seed": cfg.seed + i}
             case[M.TRAINABLE_PARAMS] = count(case_student(cfg.student, case, n_layers), num_labels)
             cases.append(case)
@@ -478,7 +480,7 @@ def run_final(cfg: RunConfig, task: Any, run_dir: Path, n_layers: int, *, seeds:
         "train_seconds": train_seconds, "seconds": time.perf_counter() - t_start,
         "data": {"description": task.description, "label_names": task.label_names,
                  "sizes": {**{name: len(df) for name, df in task.splits.items()}, "test": len(test)},
-                 "test_reads": list(task.test_reads)},
+                 "test_reads": list(task.test_reads), **truncation_stats(test, s_tok, cfg.data.max_length)},
         "teacher": {"val": {kk: teacher.record[kk] for kk in (M.VAL_ACCURACY, M.VAL_F1)}, **teacher_test,
                     "model": teacher.record.get("model"), "epochs": teacher.record.get("epochs")},
         "variants": {v: {"description": VARIANTS[v], M.TRAINABLE_PARAMS: rs[0][M.TRAINABLE_PARAMS],
@@ -503,6 +505,15 @@ def _merged(model: nn.Module) -> nn.Module:
 
 
 # ----------------------------------------------------------------------------- the command
+
+
+def truncation_stats(split: Any, tokenizer: Any, max_length: int) -> dict[str, Any]:
+    """How much of `split`'s texts `max_length` keeps (the tokenizer truncates the tail away)."""
+    pair = "text_pair" in split.column_names
+    enc = tokenizer(list(split["text"]), list(split["text_pair"]) if pair else None, truncation=False)
+    lengths = np.array([len(ids) for ids in enc["input_ids"]])
+    return {"max_length": max_length, "truncation": "head (the first max_length tokens are kept)",
+            "truncated_share": float((lengths > max_length).mean()), "median_tokens": float(np.median(lengths))}
 
 
 def load_run(run: str | Path) -> tuple[RunConfig, Path]:

@@ -296,6 +296,13 @@ def _verdict(c: dict[str, Any]) -> str:
     return spread + f" -> yes, {diff / se:.1f} standard errors" if se > 0 else spread + " -> yes"
 
 
+def _truncation_sentence(data: dict[str, Any]) -> str:
+    if "max_length" not in data:
+        return ""
+    return (f" Texts are cut to {data['max_length']} tokens, {data['truncation']}: {100 * data['truncated_share']:.0f}% "
+            f"of the test texts were longer (median {data['median_tokens']:.0f} tokens).")
+
+
 def _test_split_sentence(during_search: list[str] | None, by_final: list[str] | None) -> str:
     """What the run recorded about the test split (`TaskData.test_reads`), in words."""
     if during_search is None or by_final is None:
@@ -317,7 +324,7 @@ def render_markdown(results: dict[str, Any], skipped: dict[str, str]) -> str:
         f"# kdray report: {run['name']}",
         "",
         f"Data: {run['data']['description']}. Teacher: {run['teacher_model']}. Student: {run['student_model']}, "
-        f"budget {run['budget']:,} trainable parameters.",
+        f"budget {run['budget']:,} trainable parameters.{_truncation_sentence(run['data'])}",
         "",
         f"**The student keeps {100 * s_acc['mean']:.1f}% test accuracy against the teacher's "
         f"{100 * teacher[M.TEST_ACCURACY]:.1f}% ({-st['test_accuracy_drop_pt']:+.1f} pt), with "

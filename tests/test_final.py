@@ -206,3 +206,16 @@ def test_predict_cli_prints_labels_and_refuses_what_is_not_a_classifier(smoke_ru
 def test_final_cli_refuses_a_directory_without_a_search(tmp_path):
     r = cli("kdray.final", "--run", str(tmp_path))
     assert r.returncode == 2 and "not a finished search" in r.stderr and "Traceback" not in r.stderr, r.stderr
+
+
+def test_truncation_stats_count_the_texts_max_length_cuts():
+    from datasets import Dataset
+
+    from kdray.config import ModelConfig
+    from kdray.final import truncation_stats
+    from kdray.models import load_tokenizer
+
+    tok = load_tokenizer(ModelConfig(name="embedded:minilm-l6"))
+    texts = ["good", "a fine film", " ".join(["word"] * 30), " ".join(["word"] * 50)]  # 3, 5, 32, 52 tokens
+    stats = truncation_stats(Dataset.from_dict({"text": texts, "label": [0] * 4}), tok, 16)
+    assert stats["max_length"] == 16 and stats["truncated_share"] == 0.5 and stats["median_tokens"] == 18.5
