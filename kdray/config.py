@@ -232,6 +232,10 @@ class FinalConfig:
     """Batch size of the throughput measurement (the whole test split)."""
     examples_per_bucket: int = 3
     """Misclassified test examples shown per error-analysis bucket."""
+    reference: str | None = None
+    """A published result the report cites beside the teacher and student (who, model, split)."""
+    reference_accuracy: float | None = None
+    """That result's accuracy, a fraction."""
 
 
 @dataclass

@@ -81,6 +81,7 @@ def build_results(run_dir: Path) -> dict[str, Any]:
     comparison["merge_max_abs_logit_diff"] = final["merge_max_abs_logit_diff"]
 
     counts = status_counts(rows)
+    budget = int(cfg["budget"])
     return {
         "schema": SCHEMA_ID,
         "run": {"name": cfg["name"], "budget": cfg["budget"], "seed": cfg["seed"],
@@ -101,9 +102,56 @@ def build_results(run_dir: Path) -> dict[str, Any]:
         "variants": variants,
         "benchmark": bench,
         "comparison": comparison,
+        "claims": claims(comparison, best[M.TRAINABLE_PARAMS], budget, cfg.get("final", {}),
+                         final["teacher"][M.TEST_ACCURACY], variants["student"][M.TEST_ACCURACY]["mean"]),
         "error_analysis": final["error_analysis"],
         "plots": {name: f"plots/{name}.png" for name in PLOTS},
     }
+
+
+#: What kdray's default must show (issue 8): the student within this many points of the
+#: teacher's test accuracy, and at least this much faster at batch 1.
+MAX_DROP_PT, MIN_SPEEDUP = 2.0, 1.5
+
+
+def claims(comparison: dict[str, Any], trainable: int, budget: int, final_cfg: dict[str, Any],
+           teacher_acc: float, student_acc: float) -> list[dict[str, Any]]:
+    """The claims a run is checked against: target, measured, holds (None where not measured)."""
+    st = comparison["student_vs_teacher"]
+    out = [
+        {"claim": f"student within {MAX_DROP_PT:g} pt of the teacher's test accuracy",
+         "target": f"drop <= {MAX_DROP_PT:g} pt", "measured": f"{st['test_accuracy_drop_pt']:.1f} pt",
+         "holds": st["test_accuracy_drop_pt"] <= MAX_DROP_PT},
+        {"claim": "student fits the budget", "target": f"<= {budget:,} trainable",
+         "measured": f"{trainable:,}", "holds": trainable <= budget},
+        {"claim": f"student at least {MIN_SPEEDUP:g}x faster than the teacher at batch 1 (p50)",
+         "target": f">= {MIN_SPEEDUP:g}x", "measured": f"{st['latency_speedup_p50']:.2f}x",
+         "holds": st["latency_speedup_p50"] >= MIN_SPEEDUP},
+    ]
+    for key, what, seed in (("kd_vs_no_kd", "KD beats no KD", "seed 001: +1.4 pt on IMDb"),
+                            ("lora_vs_head_only", "LoRA beats a frozen encoder + head", "seed 003: +6.4 pt on SST-2")):
+        c = comparison.get(key)
+        if c is None:
+            out.append({"claim": f"{what} ({seed})", "target": "> 0 pt, beyond the seed spread",
+                        "measured": "not run (final.baselines false)", "holds": None})
+            continue
+        se = _standard_error(c)
+        out.append({"claim": f"{what} ({seed})", "target": "> 0 pt, beyond the seed spread",
+                    "measured": f"{c['test_accuracy_diff_pt']:+.1f} pt" + ("" if se is None else f" (SE {se:.1f} pt)"),
+                    "holds": c["test_accuracy_diff_pt"] > (se or 0)})
+    if final_cfg.get("reference") and final_cfg.get("reference_accuracy") is not None:
+        ref = float(final_cfg["reference_accuracy"])
+        out.append({"claim": f"reference: {final_cfg['reference']}", "target": f"{100 * ref:.1f}%",
+                    "measured": f"teacher {100 * teacher_acc:.1f}%, student {100 * student_acc:.1f}% "
+                                f"({100 * (student_acc - ref):+.1f} pt)", "holds": None})
+    return out
+
+
+def _standard_error(c: dict[str, Any]) -> float | None:
+    """Standard error of a difference of seed means, sqrt((s1^2 + s2^2) / n); None with one seed."""
+    if c["student_std_pt"] is None:
+        return None
+    return ((c["student_std_pt"] ** 2 + c["baseline_std_pt"] ** 2) / c["seeds"]) ** 0.5
 
 
 def validate(results: dict[str, Any]) -> None:
@@ -284,9 +332,9 @@ def _verdict(c: dict[str, Any]) -> str:
     """Whether a difference of means stands out from the seed-to-seed spread: it is compared
     with the standard error of the difference, sqrt((s1^2 + s2^2) / n)."""
     diff = c["test_accuracy_diff_pt"]
-    if c["student_std_pt"] is None:
+    se = _standard_error(c)
+    if se is None:
         return f" -> {'yes' if diff > 0 else 'no'}, from a single seed (no spread to compare with)"
-    se = ((c["student_std_pt"] ** 2 + c["baseline_std_pt"] ** 2) / c["seeds"]) ** 0.5
     spread = f" (seed std {c['student_std_pt']:.1f} vs {c['baseline_std_pt']:.1f} pt; standard error of the " \
              f"difference {se:.1f} pt)"
     if diff <= 0:
@@ -334,6 +382,11 @@ def render_markdown(results: dict[str, Any], skipped: dict[str, str]) -> str:
         "",
         f"{_test_split_sentence(search['test_reads'], run['data'].get('test_reads'))} "
         f"Test figures of the retrained models are mean ± std over {fin['seeds']} seed(s).",
+        "",
+        "| claim | target | measured | holds |",
+        "|---|---|---|---|",
+        *(f"| {c['claim']} | {c['target']} | {c['measured']} | "
+          f"{'-' if c['holds'] is None else ('yes' if c['holds'] else '**no**')} |" for c in results["claims"]),
         "",
         "## Search",
         "",
@@ -505,18 +558,33 @@ def write_report(run_dir: Path, *, wandb_mode: str = "offline") -> dict[str, Any
     return results
 
 
+def export(run_dir: Path, dest: Path) -> None:
+    """Copy `report.md`, `results.json` and `plots/` of `run_dir` to `dest` (replacing its plots)."""
+    import shutil
+
+    dest.mkdir(parents=True, exist_ok=True)
+    for name in ("report.md", "results.json"):
+        shutil.copy2(run_dir / name, dest / name)
+    shutil.rmtree(dest / "plots", ignore_errors=True)
+    shutil.copytree(run_dir / "plots", dest / "plots")
+    print(f"report: exported to {dest}/")
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m kdray.report", description=(
         "Rebuild results.json, report.md and plots/ of a run whose final stage has run (trains nothing)."))
     ap.add_argument("--run", required=True, help="run directory (runs/<name>/)")
     ap.add_argument("--wandb", choices=["online", "offline", "disabled"],
                     help="wandb mode of the final run (default: online with WANDB_API_KEY set, else offline)")
+    ap.add_argument("--export", metavar="DIR", help="also copy report.md, results.json and plots/ to DIR")
     args = ap.parse_args(argv)
     run_dir = Path(args.run).resolve()
     if not (run_dir / "final" / "final.json").is_file():
         raise UserError(f"--run {args.run}: no final stage in it (final/final.json). Fix: run "
                         f"`python -m kdray.final --run {args.run}` first.")
     write_report(run_dir, wandb_mode=wandb_mode_of(args.wandb))
+    if args.export is not None:
+        export(run_dir, Path(args.export))
     return 0
 
 

@@ -348,6 +348,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="wandb mode (default: online with WANDB_API_KEY set, else offline)")
     ap.add_argument("--no-final", action="store_true",
                     help="stop after the search (later: python -m kdray.final --run runs/<name>)")
+    ap.add_argument("--export", metavar="DIR", help="also copy the report (report.md, results.json, plots/) to DIR, "
+                    "e.g. examples/<task>/: the small part of a run worth sharing")
     return ap
 
 
@@ -376,6 +378,8 @@ def main(argv: list[str] | None = None) -> int:
                         f"--name/--output-dir/--storage-path of the killed run.")
     if not args.resume and search_dir.exists():
         raise UserError(f"{search_dir} already holds a search. Fix: --resume to continue it, or --name NEW.")
+    if args.export is not None and args.no_final:
+        raise UserError("--export copies the report, which --no-final does not make. Fix: drop one of them.")
 
     from kdray.data import load_data
     from kdray.models import build_model, encoder_layers
@@ -394,10 +398,12 @@ def main(argv: list[str] | None = None) -> int:
     if result.best is None:
         raise RuntimeError("no trial reported a validation accuracy: nothing for the final stage to retrain")
     from kdray.final import run_final
-    from kdray.report import write_report
+    from kdray.report import export, write_report
 
     run_final(cfg, task, run_dir, n_layers)
     write_report(run_dir, wandb_mode=wandb_mode)
+    if args.export is not None:
+        export(run_dir, Path(args.export))
     return 0
 
 
