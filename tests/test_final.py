@@ -219,3 +219,39 @@ def test_truncation_stats_count_the_texts_max_length_cuts():
     texts = ["good", "a fine film", " ".join(["word"] * 30), " ".join(["word"] * 50)]  # 3, 5, 32, 52 tokens
     stats = truncation_stats(Dataset.from_dict({"text": texts, "label": [0] * 4}), tok, 16)
     assert stats["max_length"] == 16 and stats["truncated_share"] == 0.5 and stats["median_tokens"] == 18.5
+
+
+def test_report_cli_rebuilds_and_exports_the_report(smoke_run, tmp_path):
+    run = tmp_path / "smoke"
+    shutil.copytree(smoke_run, run, ignore=shutil.ignore_patterns("wandb", "train", "final"))
+    shutil.copytree(smoke_run / "final", run / "final", ignore=shutil.ignore_patterns("student", "adapter"))
+    for p in [run / "report.md", run / "results.json", *(run / "plots").iterdir()]:
+        p.unlink()
+    r = cli("kdray.report", "--run", str(run), "--wandb", "disabled", "--export", str(tmp_path / "example"))
+    assert r.returncode == 0, r.stderr
+    example = tmp_path / "example"
+    assert (example / "report.md").read_text() == (run / "report.md").read_text()
+    assert sorted(p.name for p in (example / "plots").iterdir()) == sorted(f"{name}.png" for name in PLOTS)
+    results = json.loads((example / "results.json").read_text())
+    assert [c["claim"].split(" (")[0] for c in results["claims"]] == [
+        "student within 2 pt of the teacher's test accuracy", "student fits the budget",
+        "student at least 1.5x faster than the teacher at batch 1", "KD beats no KD",
+        "LoRA beats a frozen encoder + head"]
+    assert "| claim | target | measured | holds |" in (example / "report.md").read_text()
+
+
+def test_claims_hold_or_not_from_the_numbers():
+    from kdray.report import claims
+
+    def compare(drop, speedup, kd, lora, std=0.5, seeds=3):
+        pair = lambda d: {"test_accuracy_diff_pt": d, "student_std_pt": std, "baseline_std_pt": std, "seeds": seeds}
+        return {"student_vs_teacher": {"test_accuracy_drop_pt": drop, "latency_speedup_p50": speedup},
+                "kd_vs_no_kd": pair(kd), "lora_vs_head_only": pair(lora)}
+
+    ref = {"reference": "FinBERT", "reference_accuracy": 0.97}
+    holds = [c["holds"] for c in claims(compare(1.9, 1.6, 0.5, 10.0), 900, 1000, ref, 0.95, 0.93)]
+    assert holds == [True, True, True, True, True, None]  # SE of the differences: sqrt(2 * 0.25 / 3) = 0.41
+    holds = [c["holds"] for c in claims(compare(2.1, 1.4, 0.3, -1.0), 1001, 1000, {}, 0.95, 0.93)]
+    assert holds == [False, False, False, False, False]  # +0.3 pt is within one SE: not shown
+    last = claims(compare(1.0, 2.0, 1.0, 1.0), 10, 1000, ref, 0.95, 0.93)[-1]
+    assert last["claim"] == "reference: FinBERT" and last["measured"] == "teacher 95.0%, student 93.0% (-4.0 pt)"
