@@ -125,6 +125,22 @@ def train_cases(cfg: RunConfig, job: Any, data: Any, cases: list[dict], storage:
     return out
 
 
+def search_checkpoint(run_dir: Path, best: dict[str, Any]) -> str | None:
+    """The chosen search trial's last checkpoint, when that trial trained all its epochs.
+
+    It is the final stage's student run for the run's own seed: same configuration, seed, data
+    and code, so retraining it would only repeat it (bit for bit on CPU; the smoke test checks
+    it). None when the trial stopped early, or its checkpoint is not where it was written."""
+    import pyarrow.parquet as pq
+
+    rows = pq.read_table(run_dir / "search" / "trials.parquet").to_pylist()
+    row = next((r for r in rows if r["trial_id"] == best["trial_id"]), None)
+    path = None if row is None else row.get("checkpoint_path")
+    if path is None or row["status"] != "completed" or ("://" not in path and not Path(path).is_dir()):
+        return None
+    return path
+
+
 def load_trained(job: Any, case: dict, checkpoint_path: str, n_layers: int) -> tuple[nn.Module, list[dict]]:
     """Rebuild a case's model exactly as its worker did and load its trained weights."""
     from ray.train import Checkpoint
@@ -419,10 +435,18 @@ def run_final(cfg: RunConfig, task: Any, run_dir: Path, n_layers: int, *, seeds:
     train = dataclasses.replace(cfg.train, alpha=float(best["train"]["alpha"]))
     job, data = distill_inputs(cfg, task, teacher, train=train)
     cases = final_cases(cfg, best, n_layers, task.num_labels, seeds)
+    reused = []
+    searched = search_checkpoint(run_dir, best)
+    if searched is not None:
+        case = next(c for c in cases if c["variant"] == "student" and c["seed"] == cfg.seed)
+        cases.remove(case)
+        reused.append((case, searched))
+        print(f"final: the student's seed {cfg.seed} run is the search's trial {best['trial_id']} (same configuration "
+              f"and seed: a retrain would repeat it)")
     print(f"final: retraining the best configuration with {seeds} seed(s)"
           f"{' beside the no-KD and head-only baselines' if cfg.final.baselines else ''}: {len(cases)} runs")
     t0 = time.perf_counter()
-    trained = train_cases(cfg, job, data, cases, storage, n_layers)
+    trained = reused + train_cases(cfg, job, data, cases, storage, n_layers)
     train_seconds = time.perf_counter() - t0
 
     # The test split is read here and nowhere else.
@@ -477,6 +501,7 @@ def run_final(cfg: RunConfig, task: Any, run_dir: Path, n_layers: int, *, seeds:
 
     record = {
         "seeds": seeds, "device": device_name(device), "device_type": device.type,
+        "reused_search_trial": best["trial_id"] if reused else None,
         "train_seconds": train_seconds, "seconds": time.perf_counter() - t_start,
         "data": {"description": task.description, "label_names": task.label_names,
                  "sizes": {**{name: len(df) for name, df in task.splits.items()}, "test": len(test)},

@@ -97,8 +97,8 @@ def build_results(run_dir: Path) -> dict[str, Any]:
                                                         "best_val_accuracy", "epochs_run", "status")}
                                     for r in rows]},
         "teacher": final["teacher"],
-        "final": {k: final[k] for k in ("seeds", "device", "device_type", "train_seconds", "seconds", "student_dir",
-                                        "adapter_dir")},
+        "final": {**{k: final[k] for k in ("seeds", "device", "device_type", "train_seconds", "seconds", "student_dir",
+                                           "adapter_dir")}, "reused_search_trial": final.get("reused_search_trial")},
         "variants": variants,
         "benchmark": bench,
         "comparison": comparison,
@@ -460,7 +460,9 @@ def render_markdown(results: dict[str, Any], skipped: dict[str, str]) -> str:
         c = cmp_[key]
         lines.append(f"- {what}: {_pt(c['test_accuracy_diff_pt'])} test accuracy, mean over {c['seeds']} seed(s)"
                      f"{_verdict(c)} ({claim}).")
-    lines += ["", "Per seed (validation accuracy decides which seed ships):", "",
+    reused = (f" The student's seed {run['seed']} run is the search's trial {fin['reused_search_trial']} itself "
+              "(same configuration and seed: a retrain would repeat it)." if fin.get("reused_search_trial") else "")
+    lines += ["", f"Per seed (validation accuracy decides which seed ships).{reused}", "",
               "| model | seed | val acc | test acc | test macro-F1 |", "|---|---|---|---|---|"]
     for name, v in variants.items():
         for r in v["runs"]:

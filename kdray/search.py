@@ -243,6 +243,7 @@ def trial_rows(results: Any, budget: int, n_layers: int) -> list[dict[str, Any]]
             "epochs_run": epochs_run, "status": status,
             "wall_time_s": float(last.get("time_total_s", float("nan"))),
             "node": last.get(NODE_ID),
+            "checkpoint_path": last.get("checkpoint_path"),
         })
     return rows
 

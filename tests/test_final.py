@@ -149,16 +149,29 @@ def test_baselines_train_without_kd_and_with_a_frozen_encoder(smoke_run):
 def test_rerunning_the_final_stage_alone(smoke_run, tmp_path):
     from kdray.final import main
 
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
     run = tmp_path / "smoke"
     shutil.copytree(smoke_run, run, ignore=shutil.ignore_patterns("wandb"))
     before = json.loads((run / "results.json").read_text())
+    rows = pq.read_table(run / "search" / "trials.parquet").to_pylist()
+    best = next(r for r in rows if r["trial_id"] == before["search"]["best"]["trial_id"])
+    # The first run took the chosen search trial as the student's seed-0 run ...
+    assert before["final"]["reused_search_trial"] == best["trial_id"] and best["status"] == "completed"
+    # ... this one cannot (no checkpoint recorded), so it retrains every seed.
+    pq.write_table(pa.Table.from_pylist([{**r, "checkpoint_path": None} for r in rows]), run / "search" / "trials.parquet")
     (run / "final" / "student" / "model.safetensors").unlink()
     assert main(["--run", str(run), "--wandb", "disabled"]) == 0
     after = json.loads((run / "results.json").read_text())
+    assert after["final"]["reused_search_trial"] is None
     assert (run / "final" / "student" / "model.safetensors").is_file()
     assert after["wandb"] == {"mode": "disabled", "run_id": None}
     assert after["search"]["best"] == before["search"]["best"]
-    # Same seeds, same data, same config: the retrained models come out the same.
+    # Same seeds, same data, same config: the retrained models come out the same, and the
+    # retrained seed-0 student is the search trial the first run reused.
+    assert after["variants"]["student"]["runs"][0]["val_accuracy_per_epoch"] == pytest.approx(
+        best["val_accuracy_per_epoch"], abs=1e-6)
     for variant, v in before["variants"].items():
         for old, new in zip(v["runs"], after["variants"][variant]["runs"]):
             assert new["seed"] == old["seed"]
