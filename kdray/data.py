@@ -80,10 +80,6 @@ class TaskData:
     def num_labels(self) -> int:
         return len(self.label_names)
 
-    @property
-    def test_size(self) -> int:
-        return len(self.sealed_test)
-
     def read_test(self, reader: str) -> Any:
         """The test split, recording that `reader` (a stage's name) opened it."""
         self.test_reads.append(reader)

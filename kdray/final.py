@@ -294,6 +294,15 @@ def benchmark(loaders: dict[str, tuple[Any, Any, int]], device: torch.device,
     return out, logits
 
 
+def truncation_stats(split: Any, tokenizer: Any, max_length: int) -> dict[str, Any]:
+    """How much of `split`'s texts `max_length` keeps (the tokenizer truncates the tail away)."""
+    pair = "text_pair" in split.column_names
+    enc = tokenizer(list(split["text"]), list(split["text_pair"]) if pair else None, truncation=False)
+    lengths = np.array([len(ids) for ids in enc["input_ids"]])
+    return {"max_length": max_length, "truncation": "head (the first max_length tokens are kept)",
+            "truncated_share": float((lengths > max_length).mean()), "median_tokens": float(np.median(lengths))}
+
+
 def split_scores(logits: np.ndarray, labels: np.ndarray, k: int) -> dict[str, Any]:
     pred = logits.argmax(-1)
     cm = np.zeros((k, k), dtype=np.int64)
@@ -530,15 +539,6 @@ def _merged(model: nn.Module) -> nn.Module:
 
 
 # ----------------------------------------------------------------------------- the command
-
-
-def truncation_stats(split: Any, tokenizer: Any, max_length: int) -> dict[str, Any]:
-    """How much of `split`'s texts `max_length` keeps (the tokenizer truncates the tail away)."""
-    pair = "text_pair" in split.column_names
-    enc = tokenizer(list(split["text"]), list(split["text_pair"]) if pair else None, truncation=False)
-    lengths = np.array([len(ids) for ids in enc["input_ids"]])
-    return {"max_length": max_length, "truncation": "head (the first max_length tokens are kept)",
-            "truncated_share": float((lengths > max_length).mean()), "median_tokens": float(np.median(lengths))}
 
 
 def load_run(run: str | Path) -> tuple[RunConfig, Path]:
