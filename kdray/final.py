@@ -455,7 +455,7 @@ def run_final(cfg: RunConfig, task: Any, run_dir: Path, n_layers: int, *, seeds:
     print(f"final: retraining the best configuration with {seeds} seed(s)"
           f"{' beside the no-KD and head-only baselines' if cfg.final.baselines else ''}: {len(cases)} runs")
     t0 = time.perf_counter()
-    trained = reused + train_cases(cfg, job, data, cases, storage, n_layers)
+    trained = reused + (train_cases(cfg, job, data, cases, storage, n_layers) if cases else [])
     train_seconds = time.perf_counter() - t0
 
     # The test split is read here and nowhere else.

@@ -174,7 +174,8 @@ def test_trials_run_on_both_nodes_of_a_two_node_cluster(two_nodes, tmp_path):
     assert set(ids) == {"node_a", "node_b"}
     storage = tmp_path / "shared"
     r = two_nodes.submit(["--trials", "4", "--set", "search.concurrency=2", "--set", "space.epochs=[2]",
-                          "--set", "final.baselines=false", "--storage-path", str(storage)], tmp_path / "runs",
+                          "--set", "final.baselines=false", "--set", "final.seeds=2", "--storage-path", str(storage)],
+                         tmp_path / "runs",
                          timeout=900)
     assert r.returncode == 0 and "succeeded" in r.stdout, r.stdout[-4000:] + r.stderr[-2000:]
     run = tmp_path / "runs" / "smoke"
@@ -182,7 +183,8 @@ def test_trials_run_on_both_nodes_of_a_two_node_cluster(two_nodes, tmp_path):
     assert len(rows) == 4 and all(row["status"] in ("completed", "stopped early") for row in rows)
     # The node each trial's Ray Train worker ran on, as the worker reported it.
     assert {row["node"] for row in rows} == set(ids.values()), rows
-    # Checkpoints went to the storage path, not the run directory; the final stage loaded them.
+    # Checkpoints went to the storage path, not the run directory; the final stage loaded them
+    # (seed 0: the chosen search trial's, seed 1: its own retrain's).
     assert len(list((storage / "smoke" / "train").glob("trial-*/checkpoint_*"))) >= 4
     assert len(list((storage / "smoke" / "final" / "train").glob("trial-*/checkpoint_*"))) >= 1
     assert not (run / "train").exists()

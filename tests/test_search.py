@@ -98,7 +98,7 @@ def test_kill_after_first_completed_trial_then_resume_and_finish(ray_cluster, tm
     assert any(l.rstrip().endswith("completed") for l in lines), "".join(lines[-30:])
     done_before = {l.split()[0] for l in lines if l.rstrip().endswith("completed")}
 
-    # The resumed search goes on into the final stage (one retrain, no baselines: kept short).
+    # The resumed search goes on into the final stage (no baselines, one seed: the chosen trial itself).
     resumed = [a for a in args if a != "--no-final"] + ["--set", "final.baselines=false", "--resume"]
     r = run_cli(*resumed, timeout=900)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
