@@ -50,8 +50,9 @@ def test_lora_counts_each_targeted_linear_once():
     model = build_student(spec, 2, device="meta")
     adapted = sorted(n for n, _ in model.named_modules() if n.endswith("lora_A"))
     assert adapted == [f"base_model.model.bert.encoder.layer.{i}.output.dense.lora_A" for i in (0, 1)]
-    # r=1 on one 64->32 linear per layer: 2 layers * (64 + 32) = 192, plus the 32*2+2 head.
-    assert count(spec, 2) == 192 + 66
+    # r=1 on one 64->32 linear per layer: 2 layers * (64 + 32) = 192, plus the head: the 32x32
+    # pooler (1,056) and the 32*2+2 classifier.
+    assert count(spec, 2) == 192 + 1056 + 66
 
 
 def test_distilbert_pre_classifier_trains_in_lora_mode():
