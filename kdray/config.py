@@ -145,7 +145,12 @@ class ResourcesConfig:
     cpus_per_worker: float = 1.0
     """CPUs reserved by each worker."""
     gpus_per_worker: float = 0.0
-    """GPUs per worker; fractions let several small students share one GPU. 0 = CPU."""
+    """GPUs per worker; fractions let several small students share one GPU. 0 with `device:
+    auto` = chosen from the machine (`kdray.engine.trial_resources`)."""
+    device: str = "auto"
+    """`auto`: GPUs when the Ray cluster has them (students packed several per GPU, sized from
+    a measured peak memory; the teacher on whole GPUs), else CPUs; `cpu`: never a GPU; `gpu`:
+    GPUs, and an error where there are none. A `gpus_per_worker` above 0 is always used as given."""
 
 
 @dataclass
@@ -214,6 +219,9 @@ class SearchConfig:
     """Retries of a failed trial (from its last checkpoint) before it counts as failed."""
     max_rejections: int = 200
     """Over-budget samples tolerated in a row before the search gives up on the space."""
+    reuse_actors: bool = True
+    """Tune `reuse_actors`: a finished trial's process runs the next trial of the same shape, so
+    imports (~5 s on 2 cores) and on a GPU the CUDA warm-up are paid once per slot, not per trial."""
 
 
 @dataclass
@@ -526,6 +534,8 @@ def _check_values(cfg: RunConfig) -> list[str]:
             p.append(f"{section}.cpus_per_worker: {r.cpus_per_worker} must be above 0.")
         if r.gpus_per_worker < 0:
             p.append(f"{section}.gpus_per_worker: {r.gpus_per_worker} must be 0 (CPU) or more.")
+        if r.device not in ("auto", "cpu", "gpu"):
+            p.append(f"{section}.device: {r.device!r} is unknown. Fix: auto, cpu or gpu.")
     if cfg.teacher.mode not in ("full", "lora"):
         p.append(f"teacher.mode: {cfg.teacher.mode!r} is unknown. Fix: use full or lora.")
     s = cfg.student

@@ -1,554 +1,63 @@
-"""Distillation loop: what each Ray Train worker runs, and what a test or notebook can run alone.
-
-`distill()` takes a `report(metrics, checkpoint_dir)` callable, so the same loop runs under Ray
-Train (`kdray.cluster`), under a plain test, or in a notebook. Each worker trains on its shard of
-length-grouped batches (distributed-sampler semantics: every rank the same number of steps,
-reshuffled per epoch), reads the teacher's logits by `example_id` (or runs the teacher forward
-per batch in `online` mode), evaluates every epoch with metrics all-reduced across workers, and
-reports one checkpoint of the trainable weights per epoch.
+"""One distillation (one trial) of a search space's student, through the trial engine.
 
     python -m kdray.distill --space FILE [--set key=value ...] [--workers N]
+
+The teacher stage runs first (cached). With one worker the loop runs in one Tune trial's
+process; with several, on a Ray Train worker group (`kdray.engine`).
 """
 
 from __future__ import annotations
 
+import argparse
 import json
-import math
-import os
-import sys
-import tempfile
 import time
-from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
-
-import numpy as np
-import torch
-import torch.nn.functional as F
-from torch import nn
 
 from kdray import metrics as M
-from kdray.config import TrainableModelConfig, TrainConfig
-
-Report = Callable[[dict[str, Any], "str | None"], None]
-
-
-def say(message: str) -> None:
-    """Print one progress line. Not `print`: Ray Train patches it on workers and the line would
-    reach the driver twice (once through logging, once through the wrapped stdout)."""
-    sys.stdout.write(message + "\n")
-    sys.stdout.flush()
-
-
-# ----------------------------------------------------------------------------- the loss
-
-
-def kd_loss(student_logits: torch.Tensor, labels: torch.Tensor, teacher_logits: torch.Tensor | None,
-            alpha: float, temperature: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """`alpha * CE(s, y) + (1 - alpha) * T^2 * KL(softmax(t/T) || softmax(s/T))` (Hinton 2015).
-
-    student_logits, teacher_logits: [B, K]; labels: [B]. Returns `(loss, ce, kd)`; the T^2
-    factor keeps the soft term's gradients on the scale of the hard term's as T grows.
-    `alpha == 1` needs no teacher (the no-KD baseline and the teacher's own fine-tune).
-    """
-    s = student_logits.float()
-    ce = F.cross_entropy(s, labels)
-    if alpha == 1.0:
-        return ce, ce.detach(), torch.zeros((), device=s.device)
-    if teacher_logits is None:
-        raise ValueError("alpha < 1 needs teacher logits")
-    t = teacher_logits.float()
-    kd = F.kl_div(F.log_softmax(s / temperature, dim=-1), F.log_softmax(t / temperature, dim=-1),
-                  reduction="batchmean", log_target=True) * temperature**2
-    return alpha * ce + (1.0 - alpha) * kd, ce.detach(), kd.detach()
-
-
-# ----------------------------------------------------------------------------- data on workers
-
-
-@dataclass
-class Split:
-    """One tokenized split as plain arrays: small to pickle, cheap to put in the object store."""
-
-    input_ids: list[np.ndarray]
-    labels: np.ndarray
-    example_ids: np.ndarray
-    token_type_ids: list[np.ndarray] | None = None
-
-    @classmethod
-    def from_dataset(cls, ds: Any) -> "Split":
-        cols = ds.column_names
-        table = ds.with_format("numpy")
-        ids = [np.asarray(x, dtype=np.int32) for x in ds["input_ids"]]
-        tt = [np.asarray(x, dtype=np.int8) for x in ds["token_type_ids"]] if "token_type_ids" in cols else None
-        return cls(ids, np.asarray(table["label"], dtype=np.int64), np.asarray(table["example_id"], dtype=np.int64), tt)
-
-    def __len__(self) -> int:
-        return len(self.input_ids)
-
-    @property
-    def lengths(self) -> np.ndarray:
-        return np.fromiter((len(x) for x in self.input_ids), dtype=np.int64, count=len(self))
-
-    def collate(self, idx: np.ndarray, pad_id: int, device: torch.device) -> dict[str, torch.Tensor]:
-        """Pad to the longest example of this batch (dynamic padding). Shapes [B, L_max]."""
-        longest = max(len(self.input_ids[i]) for i in idx)
-        ids = np.full((len(idx), longest), pad_id, dtype=np.int64)
-        mask = np.zeros((len(idx), longest), dtype=np.int64)
-        tt = np.zeros((len(idx), longest), dtype=np.int64) if self.token_type_ids is not None else None
-        for row, i in enumerate(idx):
-            n = len(self.input_ids[i])
-            ids[row, :n] = self.input_ids[i]
-            mask[row, :n] = 1
-            if tt is not None:
-                tt[row, :n] = self.token_type_ids[i]
-        batch = {"input_ids": torch.from_numpy(ids), "attention_mask": torch.from_numpy(mask)}
-        if tt is not None:
-            batch["token_type_ids"] = torch.from_numpy(tt)
-        batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-        batch["labels"] = torch.from_numpy(self.labels[idx]).to(device)
-        batch["example_ids"] = torch.from_numpy(self.example_ids[idx])
-        return batch
-
-
-@dataclass
-class TeacherLogits:
-    """The teacher's logits keyed by example_id (sorted, for binary-search look-up)."""
-
-    example_ids: np.ndarray
-    logits: np.ndarray
-    """[N, K] float32."""
-
-    def __post_init__(self) -> None:
-        order = np.argsort(self.example_ids, kind="stable")
-        self.example_ids = np.asarray(self.example_ids)[order]
-        self.logits = np.asarray(self.logits, dtype=np.float32)[order]
-
-    def lookup(self, example_ids: np.ndarray) -> np.ndarray:
-        pos = np.searchsorted(self.example_ids, example_ids)
-        pos = np.minimum(pos, len(self.example_ids) - 1)
-        missing = self.example_ids[pos] != example_ids
-        if missing.any():
-            raise KeyError(f"no teacher logits for example_id(s) {example_ids[missing][:5].tolist()}: "
-                           f"the logits were computed on other data")
-        return self.logits[pos]
-
-    @classmethod
-    def from_parquet(cls, path: str | os.PathLike, split: str | None = None) -> "TeacherLogits":
-        import pyarrow.compute as pc
-        import pyarrow.parquet as pq
-
-        table = pq.read_table(path)
-        if split is not None:
-            table = table.filter(pc.equal(table["split"], split))
-        logits = np.stack(table["logits"].to_numpy(zero_copy_only=False)).astype(np.float32)
-        return cls(table["example_id"].to_numpy(), logits)
-
-
-def write_logits(path: str | os.PathLike, parts: dict[str, tuple[np.ndarray, np.ndarray]]) -> None:
-    """Write `{split: (example_ids, logits [N, K])}` as Parquet: example_id, split, logits."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    ids, splits, rows = [], [], []
-    for split, (eids, logits) in parts.items():
-        ids.append(np.asarray(eids, dtype=np.int64))
-        splits += [split] * len(eids)
-        rows += [row.astype(np.float32) for row in logits]
-    table = pa.table({"example_id": np.concatenate(ids), "split": splits,
-                      "logits": pa.array(rows, type=pa.list_(pa.float32()))})
-    pq.write_table(table, path)
-
-
-def make_batches(lengths: np.ndarray, batch_size: int, *, shuffle: bool, seed: int, epoch: int,
-                 group_by_length: bool, rank: int = 0, world_size: int = 1) -> list[np.ndarray]:
-    """This rank's batches of indices for one epoch.
-
-    Length grouping sorts shuffled mega-batches (50 batches) by length, cuts them into batches
-    and shuffles the batch order, so batches pad little but stay random. Batches are dealt
-    round-robin to ranks and padded by wrapping around (like `DistributedSampler`), so every rank
-    takes the same number of steps and DDP never waits on a missing one.
-    """
-    n = len(lengths)
-    rng = np.random.default_rng([seed, epoch])
-    order = rng.permutation(n) if shuffle else np.arange(n)
-    if group_by_length:
-        mega = batch_size * 50
-        chunks = [order[i:i + mega] for i in range(0, n, mega)]
-        order = np.concatenate([c[np.argsort(-lengths[c], kind="stable")] for c in chunks])
-    batches = [order[i:i + batch_size] for i in range(0, n, batch_size)]
-    if shuffle and group_by_length:
-        batches = [batches[i] for i in rng.permutation(len(batches))]
-    per_rank = math.ceil(len(batches) / world_size)
-    batches += batches[: per_rank * world_size - len(batches)]
-    return batches[rank::world_size]
-
-
-# ----------------------------------------------------------------------------- teachers
-
-
-class CachedTeacher:
-    """Teacher logits read from the cache by example_id: no teacher forward at all."""
-
-    def __init__(self, table: TeacherLogits):
-        self.table = table
-
-    def __call__(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        return torch.from_numpy(self.table.lookup(batch["example_ids"].numpy())).to(batch["labels"].device)
-
-
-class OnlineTeacher:
-    """The seeds' way: run the frozen teacher forward on every batch."""
-
-    def __init__(self, model: nn.Module):
-        self.model = model.eval().requires_grad_(False)
-
-    @torch.no_grad()
-    def __call__(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        return self.model(**model_inputs(batch)).logits.float()
-
-
-def model_inputs(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    return {k: v for k, v in batch.items() if k in ("input_ids", "attention_mask", "token_type_ids")}
-
-
-# ----------------------------------------------------------------------------- the job
-
-
-@dataclass
-class DistillJob:
-    """What one distillation trains: the model choice and how it trains."""
-
-    model: TrainableModelConfig
-    train: TrainConfig
-    label_names: list[str]
-    pad_token_id: int
-    seed: int = 0
-
-    @property
-    def num_labels(self) -> int:
-        return len(self.label_names)
-
-
-@dataclass
-class DistillData:
-    """The read-only inputs, put in the object store once and shared by every trial."""
-
-    train: Split
-    validation: Split
-    teacher_logits: TeacherLogits | None = None
-    """Cached mode: the teacher's logits on train (and validation)."""
-    teacher_model: Any = None
-    """Online mode: a `kdray.models.ModelPayload` of the fine-tuned teacher."""
-
-
-@dataclass
-class DistillResult:
-    model: nn.Module
-    """The trained model, unwrapped from DDP (its state at the last epoch)."""
-    history: list[dict[str, Any]] = field(default_factory=list)
-    status: str = M.STATUS_COMPLETED
-
-
-def unwrap(model: nn.Module) -> nn.Module:
-    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
-
-
-def _all_reduce(t: torch.Tensor, world_size: int) -> torch.Tensor:
-    if world_size > 1:
-        import torch.distributed as dist
-
-        dist.all_reduce(t)
-    return t
-
-
-@torch.no_grad()
-def predict_logits(model: nn.Module, split: Split, batch_size: int, pad_id: int, device: torch.device,
-                   indices: np.ndarray | None = None, progress: Callable[[int, int], None] | None = None,
-                   autocast: bool = True) -> np.ndarray:
-    """Logits [len(indices), K] for `indices` of `split` (all by default), in that order.
-
-    Sorted by length inside so batches pad little; results are put back in the given order.
-    `autocast=False` keeps fp32 on GPU too (bf16 otherwise).
-    """
-    model.eval()
-    idx = np.arange(len(split)) if indices is None else np.asarray(indices)
-    order = idx[np.argsort(-split.lengths[idx], kind="stable")]
-    out: dict[int, np.ndarray] = {}
-    context = autocast_for(device) if autocast else torch.autocast(device.type, enabled=False)
-    for b, start in enumerate(range(0, len(order), batch_size)):
-        chunk = order[start:start + batch_size]
-        batch = split.collate(chunk, pad_id, device)
-        with context:
-            logits = model(**model_inputs(batch)).logits.float().cpu().numpy()
-        out.update(zip(chunk.tolist(), logits))
-        if progress is not None:
-            progress(min(start + batch_size, len(order)), len(order))
-    return np.stack([out[i] for i in idx.tolist()]) if len(idx) else np.zeros((0, 0), np.float32)
-
-
-def evaluate(model: nn.Module, split: Split, job: DistillJob, device: torch.device, rank: int = 0,
-             world_size: int = 1, prefix: str = "val") -> dict[str, float]:
-    """Loss, accuracy and macro-F1 over the whole split: each rank scores its share, then the
-    confusion matrix and loss sum are all-reduced (exact, unlike averaging per-rank metrics)."""
-    k = job.num_labels
-    mine = np.arange(rank, len(split), world_size)
-    logits = predict_logits(unwrap(model), split, job.train.eval_batch_size, job.pad_token_id, device, mine)
-    labels = split.labels[mine]
-    confusion = torch.zeros(k * k + 2, dtype=torch.float64)
-    if len(mine):
-        lt = torch.from_numpy(logits)
-        confusion[-2] = F.cross_entropy(lt, torch.from_numpy(labels), reduction="sum").item()
-        np.add.at(confusion[: k * k].numpy(), labels * k + lt.argmax(-1).numpy(), 1)
-    confusion[-1] = len(mine)
-    if world_size > 1:
-        confusion = _all_reduce(confusion.to(device), world_size).cpu()
-    cm = confusion[: k * k].numpy().reshape(k, k).astype(np.int64)
-    out = {f"{prefix}/loss": float(confusion[-2] / max(confusion[-1], 1))}
-    out.update(M.classification_metrics(cm, prefix))
-    return out
-
-
-def autocast_for(device: torch.device):
-    # bf16 autocast on GPU (no loss scaling needed); plain fp32 on CPU, where bf16 is slower.
-    if device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return torch.autocast("cpu", enabled=False)
-
-
-def make_optimizer(model: nn.Module, cfg: TrainConfig, device: torch.device) -> torch.optim.Optimizer:
-    decay, no_decay = [], []
-    for p in model.parameters():
-        if p.requires_grad:
-            (decay if p.ndim >= 2 else no_decay).append(p)
-    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=cfg.learning_rate, fused=device.type == "cuda")
-
-
-def save_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any,
-                    epoch: int, history: list[dict]) -> None:
-    """Trainable weights only (safetensors), optimizer and schedule, and where the run stands."""
-    from safetensors.torch import save_file
-
-    m = unwrap(model)
-    save_file({n: p.detach().cpu().contiguous() for n, p in m.named_parameters() if p.requires_grad},
-              str(path / "trainable.safetensors"))
-    torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}, path / "optimizer.pt")
-    (path / "state.json").write_text(json.dumps({"epochs_done": epoch, "history": history}, default=float))
-
-
-def load_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer | None = None,
-                    scheduler: Any = None) -> tuple[int, list[dict]]:
-    from safetensors.torch import load_file
-
-    m = unwrap(model)
-    weights = load_file(str(path / "trainable.safetensors"))
-    result = m.load_state_dict(weights, strict=False)
-    if result.unexpected_keys:
-        raise ValueError(f"checkpoint {path} does not fit this model: {result.unexpected_keys[:3]}")
-    trainable = {n for n, p in m.named_parameters() if p.requires_grad}
-    if trainable - set(weights):
-        raise ValueError(f"checkpoint {path} lacks trainable weights {sorted(trainable - set(weights))[:3]}")
-    if optimizer is not None:
-        state = torch.load(path / "optimizer.pt", weights_only=False)
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-    st = json.loads((path / "state.json").read_text())
-    return st["epochs_done"], st["history"]
-
-
-def forward_loss(model: nn.Module, batch: dict[str, torch.Tensor], teacher: Callable | None, cfg: TrainConfig,
-                 autocast: Any) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """One batch's KD loss: teacher logits (cached look-up or online forward), student forward."""
-    t_logits = teacher(batch) if teacher is not None else None
-    with autocast:
-        logits = model(**model_inputs(batch)).logits
-    return kd_loss(logits, batch["labels"], t_logits, cfg.alpha, cfg.temperature)
-
-
-def backward_step(model: nn.Module, loss: torch.Tensor, optimizer: torch.optim.Optimizer, scheduler: Any,
-                  cfg: TrainConfig) -> None:
-    optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], cfg.max_grad_norm)
-    optimizer.step()
-    scheduler.step()
-
-
-def distill(job: DistillJob, data: DistillData, report: Report, *, rank: int = 0, world_size: int = 1,
-            device: str | torch.device = "cpu", resume_from: str | os.PathLike | None = None,
-            prepare_model: Callable[[nn.Module], nn.Module] | None = None, log: bool = True,
-            model: nn.Module | None = None) -> DistillResult:
-    """Train `job` on `data`, evaluating and reporting (metrics, checkpoint dir) every epoch.
-
-    `prepare_model` wraps the model for the cluster (Ray's `prepare_model`: device + DDP);
-    `resume_from` is a checkpoint dir written by `save_checkpoint`: training continues at the
-    epoch after it. A non-finite loss on any rank stops every rank with status `diverged`.
-    """
-    from transformers import get_linear_schedule_with_warmup
-
-    from kdray.models import build_student, count_trainable, from_payload
-
-    device = torch.device(device)
-    cfg = job.train
-    torch.manual_seed(job.seed)
-    if model is None:
-        model = build_student(job.model, job.num_labels, job.label_names, device="cpu", seed=job.seed)
-    trainable = count_trainable(model)
-    model = prepare_model(model) if prepare_model is not None else model.to(device)
-    teacher: Callable | None = None
-    if cfg.alpha < 1.0:
-        if cfg.teacher_logits == "online":
-            teacher = OnlineTeacher(from_payload(data.teacher_model).to(device))
-        else:
-            teacher = CachedTeacher(data.teacher_logits)
-    # make_batches' count: ceil(examples / batch) batches, dealt evenly (wrapping) to the ranks.
-    steps_per_epoch = math.ceil(math.ceil(len(data.train) / cfg.batch_size) / world_size)
-    optimizer = make_optimizer(model, cfg, device)
-    total = max(1, steps_per_epoch * cfg.epochs)
-    scheduler = get_linear_schedule_with_warmup(optimizer, int(cfg.warmup_ratio * total), total)
-    start_epoch, history = 0, []
-    if resume_from is not None:
-        start_epoch, history = load_checkpoint(Path(resume_from), model, optimizer, scheduler)
-        if log and rank == 0:
-            say(f"resumed from {resume_from} after epoch {start_epoch}")
-    lengths = data.train.lengths
-    autocast = autocast_for(device)
-    status = M.STATUS_COMPLETED
-    for epoch in range(start_epoch, cfg.epochs):
-        torch.manual_seed(job.seed * 1_000_003 + epoch * 101 + rank)  # dropout: reproducible on resume
-        model.train()
-        batches = make_batches(lengths, cfg.batch_size, shuffle=True, seed=job.seed, epoch=epoch,
-                               group_by_length=cfg.group_by_length, rank=rank, world_size=world_size)
-        sums = torch.zeros(4, dtype=torch.float64)  # loss, ce, kd, examples
-        t0 = last_log = time.perf_counter()
-        for step, idx in enumerate(batches, 1):
-            batch = data.train.collate(idx, job.pad_token_id, device)
-            loss, ce, kd = forward_loss(model, batch, teacher, cfg, autocast)
-            bad = _all_reduce(torch.tensor([0.0 if torch.isfinite(loss) else 1.0], device=device), world_size)
-            if bad.item() > 0:
-                status = M.STATUS_DIVERGED
-                break
-            backward_step(model, loss, optimizer, scheduler, cfg)
-            n = len(idx)
-            sums += torch.tensor([loss.item() * n, ce.item() * n, kd.item() * n, n], dtype=torch.float64)
-            now = time.perf_counter()
-            if log and rank == 0 and (now - last_log > 10 or step == len(batches)):
-                last_log = now
-                rate = step / (now - t0)
-                eta = (len(batches) - step) / rate
-                say(f"epoch {epoch + 1}/{cfg.epochs} step {step}/{len(batches)} loss {sums[0] / sums[3]:.4f} "
-                    f"| {rate * cfg.batch_size * world_size:.1f} samples/s | epoch eta {eta:.0f}s")
-        seconds = time.perf_counter() - t0
-        sums = _all_reduce(sums.to(device), world_size).cpu()
-        row: dict[str, Any] = {
-            "epoch": epoch + 1, M.EPOCHS_DONE: epoch + 1, M.TRAINABLE_PARAMS: trainable,
-            M.TRAIN_LOSS: float(sums[0] / max(sums[3], 1)), M.TRAIN_CE: float(sums[1] / max(sums[3], 1)),
-            M.TRAIN_KD: float(sums[2] / max(sums[3], 1)),
-            M.SAMPLES_PER_S: float(sums[3] / seconds) if seconds > 0 else 0.0, M.EPOCH_SECONDS: seconds,
-        }
-        if status == M.STATUS_DIVERGED:
-            row.update({M.STATUS: status, M.VAL_ACCURACY: 0.0, M.VAL_F1: 0.0, M.VAL_LOSS: float("nan")})
-            history.append(row)
-            if log and rank == 0:
-                say(f"epoch {epoch + 1}: non-finite loss, stopping (status {status})")
-            report(row, None)
-            break
-        t_eval = time.perf_counter()
-        row.update(evaluate(model, data.validation, job, device, rank, world_size))
-        row[M.EVAL_SECONDS] = time.perf_counter() - t_eval
-        row[M.STATUS] = M.STATUS_RUNNING if epoch + 1 < cfg.epochs else M.STATUS_COMPLETED
-        history.append(row)
-        if log and rank == 0:
-            say(f"epoch {epoch + 1}/{cfg.epochs}: train loss {row[M.TRAIN_LOSS]:.4f}, val loss "
-                f"{row[M.VAL_LOSS]:.4f}, val acc {row[M.VAL_ACCURACY]:.4f}, val f1 {row[M.VAL_F1]:.4f} "
-                f"({seconds:.1f}s)")
-        with tempfile.TemporaryDirectory(prefix="kdray-ckpt-") as tmp:
-            if rank == 0:
-                save_checkpoint(Path(tmp), model, optimizer, scheduler, epoch + 1, history)
-            report(row, tmp if rank == 0 else None)
-    return DistillResult(unwrap(model), history, status)
-
-
-# ----------------------------------------------------------------------------- inputs and CLI
-
-
-def distill_inputs(cfg: Any, task: Any, teacher: Any, train: TrainConfig | None = None,
-                   student: TrainableModelConfig | None = None) -> tuple[DistillJob, DistillData]:
-    """The job and the shared read-only data of a distillation of `cfg`'s student.
-
-    `teacher` is the teacher stage's `TeacherResult`. The student is tokenized with its own
-    tokenizer (cached); cached logits are keyed by example_id, so the teacher's tokenizer may
-    differ. Online mode runs the teacher on the student's batches, so it needs the same one.
-    """
-    from kdray.data import tokenize, tokenizer_identity
-    from kdray.errors import UserError
-    from kdray.models import from_pretrained_dir, load_tokenizer, to_payload
-
-    train = train or cfg.train
-    student = student or cfg.student
-    tokenizer = load_tokenizer(student)
-    tokenized, _ = tokenize(task, tokenizer, cfg.data.max_length, cfg.cache_dir)
-    data = DistillData(Split.from_dataset(tokenized["train"]), Split.from_dataset(tokenized["validation"]))
-    if train.alpha < 1.0 and train.teacher_logits == "online":
-        from transformers import AutoTokenizer
-
-        if tokenizer_identity(AutoTokenizer.from_pretrained(teacher.model_dir)) != tokenizer_identity(tokenizer):
-            raise UserError("train.teacher_logits: online mode runs the teacher on the student's batches, "
-                            "but they use different tokenizers. Fix: use cached (the default).")
-        data.teacher_model = to_payload(from_pretrained_dir(teacher.model_dir))
-    elif train.alpha < 1.0:
-        data.teacher_logits = TeacherLogits.from_parquet(teacher.logits_path)
-    job = DistillJob(student, train, task.label_names, tokenizer.pad_token_id, cfg.seed)
-    return job, data
+from kdray.cluster import add_cluster_arguments, init_ray, worker_overrides
+from kdray.config import add_space_arguments, load_config
+from kdray.errors import run_cli
 
 
 def main(argv: list[str] | None = None) -> int:
-    import argparse
-
-    from kdray.cluster import add_cluster_arguments, worker_overrides
-    from kdray.config import add_space_arguments, load_config
-    from kdray.data import load_data
-
     ap = argparse.ArgumentParser(prog="python -m kdray.distill", description=(
-        "Run one distillation (one trial) of a search space's student on Ray Train and print its "
+        "Run one distillation (one trial) of a search space's student on Ray and print its "
         "per-epoch metrics. The teacher stage runs first (cached)."))
     add_space_arguments(ap, "train.alpha=0.3")
     add_cluster_arguments(ap)
     ap.add_argument("--output-dir", default="runs", help="where runs/<name>/ goes (default: ./runs)")
     args = ap.parse_args(argv)
     cfg = load_config(args.space, args.overrides + worker_overrides(args))
+
+    import ray
+
     from kdray.budget import count
+    from kdray.data import load_data
+    from kdray.engine import TrialSpec, distill_entry, run_one
+    from kdray.loop import distill_inputs
+    from kdray.teacher import prepare_teacher
 
     task = load_data(cfg.data)
     print(f"data: {task.description}")
     print(f"student: {count(cfg.student, task.num_labels):,} trainable parameters; alpha {cfg.train.alpha}, "
           f"T {cfg.train.temperature}, {cfg.train.epochs} epochs, {cfg.resources.workers} worker(s), "
           f"teacher logits {cfg.train.teacher_logits}")
-    from kdray.cluster import distill_worker, fit, init_ray
-    from kdray.teacher import prepare_teacher
-
     init_ray(args.address)
     run_dir = Path(args.output_dir).resolve() / cfg.name
     teacher = prepare_teacher(cfg, task, storage_path=run_dir / "train")
     job, data = distill_inputs(cfg, task, teacher)
-    import ray
-
     t0 = time.perf_counter()
-    result = fit(distill_worker, {"job": job, "data": ray.put(data)}, name="distill",
-                 storage_path=run_dir / "train", resources=cfg.resources)
+    spec = TrialSpec(distill_entry, job, ray.put(data), cfg.resources, str(run_dir / "train"))
+    result = run_one(spec, "distill", str(run_dir / "train"))
     with result.checkpoint.as_directory() as d:
         history = json.loads((Path(d) / "state.json").read_text())["history"]
     print(f"{'epoch':>5} {'train loss':>10} {'ce':>7} {'kd':>7} {'val loss':>8} {'val acc':>7} {'val f1':>7} {'s':>6}")
     for row in history:
         print(f"{row['epoch']:>5} {row[M.TRAIN_LOSS]:>10.4f} {row[M.TRAIN_CE]:>7.4f} {row[M.TRAIN_KD]:>7.4f} "
               f"{row[M.VAL_LOSS]:>8.4f} {row[M.VAL_ACCURACY]:>7.4f} {row[M.VAL_F1]:>7.4f} {row[M.EPOCH_SECONDS]:>6.1f}")
-    print(f"distillation: {time.perf_counter() - t0:.0f}s on Ray Train; checkpoints under {run_dir / 'train'}")
+    print(f"distillation: {time.perf_counter() - t0:.0f}s; checkpoints under {run_dir / 'train'}")
     return 0
 
 
 if __name__ == "__main__":
-    from kdray.errors import run_cli
-
     run_cli(main)

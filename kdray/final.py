@@ -5,7 +5,7 @@ seeds' baselines, and hand over a deployable student.
    two baselines of the seeds with the same budget, data, alpha, T, learning rate and epochs:
    the same LoRA student without KD (`alpha=1`, seed 001's comparison) and the frozen-encoder,
    head-only student (seed 003's). They are Tune trials of the search's own trainable, so they
-   run `final.seeds x 3` at `search.concurrency` on Ray Train.
+   run `final.seeds x 3` at `search.concurrency` through the trial engine.
 2. The seed with the best validation accuracy is kept; its LoRA weights are merged
    (`merge_and_unload`) and the student is saved with its tokenizer and label names under
    `final/student/`, loadable by `transformers.pipeline("text-classification", model=...)`;
@@ -27,7 +27,6 @@ import argparse
 import dataclasses
 import gc
 import json
-import platform
 import re
 import shutil
 import time
@@ -41,9 +40,9 @@ from torch import nn
 from kdray import metrics as M
 from kdray.config import RunConfig
 from kdray.errors import UserError, run_cli
-
-FINAL_DIR, STUDENT_DIR, ADAPTER_DIR = "final", "student", "adapter"
-FINAL_JSON, PREDICTIONS = "final.json", "predictions.parquet"
+from kdray.machine import device_name
+from kdray.rundir import RunDir
+from kdray.trials import TrialConfig
 
 VARIANTS = {
     "student": "distilled LoRA student (the search's best configuration)",
@@ -63,23 +62,12 @@ BENCHMARKED = {
 # ----------------------------------------------------------------------------- the runs
 
 
-def final_cases(cfg: RunConfig, best: dict[str, Any], n_layers: int, num_labels: int,
-                seeds: int) -> list[dict[str, Any]]:
-    """Tune configurations of the final runs: the best config and each baseline, per seed.
-
-    Flat like a sampled configuration (`kdray.search.trial_job` reads them), plus `variant`,
-    `seed` and, for the head-only baseline, `mode: head`; `trainable_params` is counted here
-    exactly as the budget counts it."""
+def final_cases(cfg: RunConfig, best: dict[str, Any], num_labels: int, seeds: int) -> list[TrialConfig]:
+    """The final runs: the best configuration and each baseline, per seed, each with its
+    `trainable_params` counted exactly as the budget counts it."""
     from kdray.budget import count
-    from kdray.search import case_student
 
-    lora = best["student"]["lora"]
-    layers = lora["layers"]
-    flat = {**{k: best["train"][k] for k in ("alpha", "temperature", "learning_rate", "epochs")},
-            "lora_r": lora["r"], "lora_alpha": lora["alpha"], "lora_dropout": lora["dropout"],
-            "target_modules": ",".join(lora["target_modules"])}
-    if layers is not None:
-        flat.update({f"layer_{i}": i in layers for i in range(n_layers)})
+    chosen = TrialConfig.from_yaml(best)
     variants = {"student": {}}
     if cfg.final.baselines:
         variants.update({"no_kd": {"alpha": 1.0}, "head_only": {"mode": "head"}})
@@ -88,44 +76,43 @@ def final_cases(cfg: RunConfig, best: dict[str, Any], n_layers: int, num_labels:
     # leave idle instead of a long run finishing alone.
     for variant, change in variants.items():
         for i in range(seeds):
-            case = {**flat, **change, "variant": variant, "seed": cfg.seed + i}
-            case[M.TRAINABLE_PARAMS] = count(case_student(cfg.student, case, n_layers), num_labels)
-            cases.append(case)
+            case = dataclasses.replace(chosen, **change, variant=variant, seed=cfg.seed + i)
+            cases.append(dataclasses.replace(case, trainable_params=count(case.student(cfg.student), num_labels)))
     return cases
 
 
-def train_cases(cfg: RunConfig, job: Any, data: Any, cases: list[dict], storage: str,
-                n_layers: int) -> list[tuple[dict, str]]:
-    """Train every case as a Tune trial of the search's trainable (Tune experiment and Train
-    checkpoints under `storage`); returns `(case, last checkpoint path)` per case."""
+def train_cases(cfg: RunConfig, job: Any, data: Any, cases: list[TrialConfig],
+                storage: str) -> list[tuple[TrialConfig, str]]:
+    """Train every case as a Tune trial of the engine (Tune experiment and checkpoints under
+    `storage`); returns `(case, last checkpoint path)` per case."""
     import ray
     from ray import tune
 
     from kdray.cluster import storage_join
-    from kdray.search import TRIAL_DRIVER_CPU, fit_resources, progress_callback, run_trial
+    from kdray.engine import (TrialSpec, checkpoint_path, distill_entry, gpu_probe, progress_callback,
+                              trial_resources, tune_run_config, tune_trainable)
 
-    refs = {"job": job, "data": ray.put(data), "n_layers": n_layers, "storage": storage_join(storage, "train"),
-            "resources": fit_resources(cfg), "max_failures": cfg.search.max_failures}
-    trainable = tune.with_resources(tune.with_parameters(run_trial, refs=refs), {"cpu": TRIAL_DRIVER_CPU})
-    progress = progress_callback(n_layers, label=lambda t: f"{t.config['case']['variant']}/s{t.config['case']['seed']}")
+    probe = gpu_probe(cases[0].job(job), cfg.data.max_length)  # every variant has the chosen shape
+    spec = TrialSpec(distill_entry, job, ray.put(data), trial_resources(cfg.resources, cfg.search.concurrency,
+                                                                         probe=probe),
+                     storage_join(storage, "train"), cfg.search.max_failures)
+    progress = progress_callback(label=lambda t: TrialConfig.of_tune(t.config).label())
     tuner = tune.Tuner(
-        trainable,
-        param_space={"case": tune.grid_search(cases)},
-        tune_config=tune.TuneConfig(max_concurrent_trials=cfg.search.concurrency),
-        run_config=tune.RunConfig(name="tune", storage_path=storage, callbacks=[progress], verbose=0,
-                                  failure_config=tune.FailureConfig(max_failures=cfg.search.max_failures)),
+        tune_trainable(spec),
+        param_space={"trial": tune.grid_search([case.to_tune() for case in cases])},
+        tune_config=tune.TuneConfig(max_concurrent_trials=cfg.search.concurrency, reuse_actors=cfg.search.reuse_actors),
+        run_config=tune_run_config("tune", storage, keep=1, max_failures=cfg.search.max_failures, callbacks=[progress]),
     )
     out = []
     for r in tuner.fit():
-        case = r.config["case"]
-        path = (r.metrics or {}).get("checkpoint_path")
+        case, path = TrialConfig.of_tune(r.config), checkpoint_path(r)
         if r.error is not None or path is None:
-            raise RuntimeError(f"final stage: the {case['variant']} run with seed {case['seed']} failed: {r.error}")
+            raise RuntimeError(f"final stage: the {case.variant} run with seed {case.seed} failed: {r.error}")
         out.append((case, path))
     return out
 
 
-def search_checkpoint(run_dir: Path, best: dict[str, Any]) -> str | None:
+def search_checkpoint(run: RunDir, best: dict[str, Any]) -> str | None:
     """The chosen search trial's last checkpoint, when that trial trained all its epochs.
 
     It is the final stage's student run for the run's own seed: same configuration, seed, data
@@ -133,7 +120,7 @@ def search_checkpoint(run_dir: Path, best: dict[str, Any]) -> str | None:
     it). None when the trial stopped early, or its checkpoint is not where it was written."""
     import pyarrow.parquet as pq
 
-    rows = pq.read_table(run_dir / "search" / "trials.parquet").to_pylist()
+    rows = pq.read_table(run.trials).to_pylist()
     row = next((r for r in rows if r["trial_id"] == best["trial_id"]), None)
     path = None if row is None else row.get("checkpoint_path")
     if path is None or row["status"] != "completed" or ("://" not in path and not Path(path).is_dir()):
@@ -141,15 +128,14 @@ def search_checkpoint(run_dir: Path, best: dict[str, Any]) -> str | None:
     return path
 
 
-def load_trained(job: Any, case: dict, checkpoint_path: str, n_layers: int) -> tuple[nn.Module, list[dict]]:
-    """Rebuild a case's model exactly as its worker did and load its trained weights."""
+def load_trained(job: Any, case: TrialConfig, checkpoint_path: str) -> tuple[nn.Module, list[dict]]:
+    """Rebuild a case's model exactly as its trial did and load its trained weights."""
     from ray.train import Checkpoint
 
-    from kdray.distill import load_checkpoint
+    from kdray.loop import load_checkpoint
     from kdray.models import build_student
-    from kdray.search import trial_job
 
-    j = trial_job(job, case, n_layers)
+    j = case.job(job)
     model = build_student(j.model, j.num_labels, j.label_names, seed=j.seed)
     with Checkpoint(checkpoint_path).as_directory() as d:
         _, history = load_checkpoint(Path(d), model)
@@ -157,30 +143,6 @@ def load_trained(job: Any, case: dict, checkpoint_path: str, n_layers: int) -> t
 
 
 # ----------------------------------------------------------------------------- measuring
-
-
-def device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    name = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                name = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{name} ({torch.get_num_threads()} threads)"
-
-
-def package_version(pkg: str) -> str:
-    """The installed version of `pkg`, or "unknown"."""
-    import importlib.metadata as md
-
-    try:
-        return md.version(pkg)
-    except md.PackageNotFoundError:
-        return "unknown"
 
 
 def weights_mb(model: nn.Module) -> float:
@@ -257,7 +219,7 @@ def benchmark(loaders: dict[str, tuple[Any, Any, int]], device: torch.device,
     model in turn on each example, so slow drifts of the machine (other processes, clocks)
     hit every model alike rather than whichever ran during them.
     """
-    from kdray.distill import model_inputs, predict_logits
+    from kdray.loop import DeviceSplit, model_inputs, predict_logits
 
     fc = cfg.final
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
@@ -265,13 +227,17 @@ def benchmark(loaders: dict[str, tuple[Any, Any, int]], device: torch.device,
     for name, (load, split, pad) in loaders.items():
         base = _memory_mark(device)
         model = load().to(device).eval()
-        singles[name] = [model_inputs(split.collate(np.array([i % len(split)]), pad, device))
-                         for i in range(fc.latency_runs)]
+        resident = DeviceSplit(split, pad, device)
+        singles[name] = [model_inputs(resident.batch(np.array([i % len(split)]))) for i in range(fc.latency_runs)]
         for i in range(fc.warmup_runs):
             model(**singles[name][i % fc.latency_runs])
+        if device.type == "cuda":
+            # CUDA picks kernels per new shape and loads them lazily: a first pass over every
+            # batch shape costs 10-18x a warm one and would be charged to whoever runs first.
+            predict_logits(model, resident, fc.throughput_batch_size, pad, device)
         sync()
         t0 = time.perf_counter()
-        logits[name] = predict_logits(model, split, fc.throughput_batch_size, pad, device)
+        logits[name] = predict_logits(model, resident, fc.throughput_batch_size, pad, device)
         sync()
         seconds = time.perf_counter() - t0
         peak, kind = _memory_peak(device, base)
@@ -371,20 +337,20 @@ def _bucket(name: str, mask: np.ndarray, errors: np.ndarray, teacher_errors: np.
 # ----------------------------------------------------------------------------- the stage
 
 
-def score_runs(trained: list[tuple[dict, str]], job: Any, test: Any, device: torch.device, k: int, n_layers: int,
-               batch_size: int) -> tuple[dict[str, list[dict]], dict[str, tuple[dict, str]]]:
+def score_runs(trained: list[tuple[TrialConfig, str]], job: Any, test: Any, device: torch.device, k: int,
+               batch_size: int) -> tuple[dict[str, list[dict]], dict[str, tuple[TrialConfig, str]]]:
     """Every retrained model's validation history and test scores, per variant, and the run of
     each variant with the best last-epoch validation accuracy (chosen on validation, never test)."""
-    from kdray.distill import predict_logits
+    from kdray.loop import predict_logits
 
     runs: dict[str, list[dict]] = {}
-    chosen: dict[str, tuple[dict, str]] = {}
+    chosen: dict[str, tuple[TrialConfig, str]] = {}
     best_val: dict[str, float] = {}
     for case, path in trained:
-        model, history = load_trained(job, case, path, n_layers)
+        model, history = load_trained(job, case, path)
         logits = predict_logits(model.to(device), test, batch_size, job.pad_token_id, device)
-        v = case["variant"]
-        row = {"seed": case["seed"], M.TRAINABLE_PARAMS: case[M.TRAINABLE_PARAMS],
+        v = case.variant
+        row = {"seed": case.seed, M.TRAINABLE_PARAMS: case.trainable_params,
                M.VAL_ACCURACY: history[-1][M.VAL_ACCURACY], M.VAL_F1: history[-1][M.VAL_F1],
                "val_accuracy_per_epoch": [h[M.VAL_ACCURACY] for h in history], **split_scores(logits, test.labels, k)}
         runs.setdefault(v, []).append(row)
@@ -393,17 +359,17 @@ def score_runs(trained: list[tuple[dict, str]], job: Any, test: Any, device: tor
     return {v: runs[v] for v in VARIANTS if v in runs}, chosen
 
 
-def save_student(unmerged: nn.Module, tokenizer: Any, final_dir: Path, cfg: RunConfig, case: dict,
+def save_student(unmerged: nn.Module, tokenizer: Any, run: RunDir, cfg: RunConfig, case: TrialConfig,
                  label_names: list[str]) -> Path:
     """Save the PEFT adapter (`final/adapter/`), then merge the LoRA weights and save the student
     as a plain Hugging Face classifier with its tokenizer (`final/student/`)."""
-    unmerged.save_pretrained(final_dir / ADAPTER_DIR)
+    unmerged.save_pretrained(run.adapter)
     merged = unmerged.merge_and_unload()
-    student_dir = final_dir / STUDENT_DIR
+    student_dir = run.student
     merged.save_pretrained(student_dir, safe_serialization=True)
     tokenizer.save_pretrained(student_dir)
     (student_dir / "kdray.json").write_text(json.dumps({
-        "run": cfg.name, "seed": case["seed"], M.TRAINABLE_PARAMS: case[M.TRAINABLE_PARAMS],
+        "run": cfg.name, "seed": case.seed, M.TRAINABLE_PARAMS: case.trainable_params,
         "label_names": label_names, "max_length": cfg.data.max_length}, indent=2))
     return student_dir
 
@@ -415,7 +381,7 @@ class FinalResult:
     """What `final/final.json` holds."""
 
 
-def run_final(cfg: RunConfig, task: Any, run_dir: Path, n_layers: int, *, seeds: int | None = None) -> FinalResult:
+def run_final(cfg: RunConfig, task: Any, run_dir: Path, *, seeds: int | None = None) -> FinalResult:
     """Retrain, select on validation, save the merged student, score on test, benchmark.
 
     `run_dir` holds the search (`best_config.yaml`); Ray must be running (`kdray.cluster.init_ray`)."""
@@ -426,28 +392,29 @@ def run_final(cfg: RunConfig, task: Any, run_dir: Path, n_layers: int, *, seeds:
 
     from kdray.cluster import storage_join, storage_root
     from kdray.data import tokenize
-    from kdray.distill import Split, distill_inputs, predict_logits
+    from kdray.loop import Split, distill_inputs, predict_logits
     from kdray.models import from_pretrained_dir, load_tokenizer
     from kdray.teacher import prepare_teacher
 
     t_start = time.perf_counter()
-    best = yaml.safe_load((run_dir / "best_config.yaml").read_text())
+    run = RunDir(run_dir)
+    best = yaml.safe_load(run.best_config.read_text())
     seeds = seeds if seeds is not None else cfg.final.seeds
-    final_dir = run_dir / FINAL_DIR
+    final_dir = run.final
     if final_dir.exists():
         print(f"final: replacing the earlier final stage in {final_dir}")
         shutil.rmtree(final_dir)
     final_dir.mkdir(parents=True)
     root = storage_root(cfg, run_dir)
-    storage = storage_join(root, FINAL_DIR)
+    storage = storage_join(root, final_dir.name)
     teacher = prepare_teacher(cfg, task, storage_path=storage_join(root, "train"))
     train = dataclasses.replace(cfg.train, alpha=float(best["train"]["alpha"]))
     job, data = distill_inputs(cfg, task, teacher, train=train)
-    cases = final_cases(cfg, best, n_layers, task.num_labels, seeds)
+    cases = final_cases(cfg, best, task.num_labels, seeds)
     reused = []
-    searched = search_checkpoint(run_dir, best)
+    searched = search_checkpoint(run, best)
     if searched is not None:
-        case = next(c for c in cases if c["variant"] == "student" and c["seed"] == cfg.seed)
+        case = next(c for c in cases if c.variant == "student" and c.seed == cfg.seed)
         cases.remove(case)
         reused.append((case, searched))
         print(f"final: the student's seed {cfg.seed} run is the search's trial {best['trial_id']} (same configuration "
@@ -455,7 +422,7 @@ def run_final(cfg: RunConfig, task: Any, run_dir: Path, n_layers: int, *, seeds:
     print(f"final: retraining the best configuration with {seeds} seed(s)"
           f"{' beside the no-KD and head-only baselines' if cfg.final.baselines else ''}: {len(cases)} runs")
     t0 = time.perf_counter()
-    trained = reused + (train_cases(cfg, job, data, cases, storage, n_layers) if cases else [])
+    trained = reused + (train_cases(cfg, job, data, cases, storage) if cases else [])
     train_seconds = time.perf_counter() - t0
 
     # The test split is read here and nowhere else.
@@ -468,10 +435,10 @@ def run_final(cfg: RunConfig, task: Any, run_dir: Path, n_layers: int, *, seeds:
     texts = list(test["text"])
     bs = cfg.final.throughput_batch_size
 
-    runs, chosen = score_runs(trained, job, s_test, device, k, n_layers, bs)
+    runs, chosen = score_runs(trained, job, s_test, device, k, bs)
 
     case, path = chosen["student"]
-    student_dir = save_student(load_trained(job, case, path, n_layers)[0], s_tok, final_dir, cfg, case, task.label_names)
+    student_dir = save_student(load_trained(job, case, path)[0], s_tok, run, cfg, case, task.label_names)
 
     print(f"final: benchmarking on {device_name(device)}: {len(s_test)} test examples, batch 1 x "
           f"{cfg.final.latency_runs} and batch {bs}")
@@ -479,11 +446,11 @@ def run_final(cfg: RunConfig, task: Any, run_dir: Path, n_layers: int, *, seeds:
         "teacher": (lambda: from_pretrained_dir(teacher.model_dir), t_test),
         "student": (lambda: AutoModelForSequenceClassification.from_pretrained(student_dir, dtype=torch.float32),
                     s_test),
-        "student_unmerged": (lambda: load_trained(job, case, path, n_layers)[0], s_test),
+        "student_unmerged": (lambda: load_trained(job, case, path)[0], s_test),
     }
     for v in ("no_kd", "head_only"):
         if v in chosen:
-            loaders[v] = (lambda v=v: _merged(load_trained(job, *chosen[v], n_layers)[0]), s_test)
+            loaders[v] = (lambda v=v: _merged(load_trained(job, *chosen[v])[0]), s_test)
     bench, logits_of = benchmark({name: (load, split, t_tok.pad_token_id if name == "teacher" else job.pad_token_id)
                                   for name, (load, split) in loaders.items()}, device, cfg)
     for name, b in bench.items():
@@ -506,7 +473,7 @@ def run_final(cfg: RunConfig, task: Any, run_dir: Path, n_layers: int, *, seeds:
     pq.write_table(pa.table({
         "example_id": s_test.example_ids, "text": texts, "label": labels, "student_pred": s_pred,
         "student_prob": s_prob.max(-1).astype(np.float32), "teacher_pred": t_pred,
-    }), final_dir / PREDICTIONS)
+    }), run.predictions)
 
     record = {
         "seeds": seeds, "device": device_name(device), "device_type": device.type,
@@ -518,16 +485,16 @@ def run_final(cfg: RunConfig, task: Any, run_dir: Path, n_layers: int, *, seeds:
         "teacher": {"val": {kk: teacher.record[kk] for kk in (M.VAL_ACCURACY, M.VAL_F1)}, **teacher_test,
                     "model": teacher.record.get("model"), "epochs": teacher.record.get("epochs")},
         "variants": {v: {"description": VARIANTS[v], M.TRAINABLE_PARAMS: rs[0][M.TRAINABLE_PARAMS],
-                         "chosen_seed": chosen[v][0]["seed"], "runs": rs,
+                         "chosen_seed": chosen[v][0].seed, "runs": rs,
                          **{key: mean_std([r[key] for r in rs]) for key in
                             (M.VAL_ACCURACY, M.TEST_ACCURACY, M.TEST_F1, M.TEST_PRECISION, M.TEST_RECALL)}}
                      for v, rs in runs.items()},
         "benchmark": bench,
         "merge_max_abs_logit_diff": merge_diff,
         "error_analysis": errors,
-        "student_dir": str(student_dir), "adapter_dir": str(final_dir / ADAPTER_DIR),
+        "student_dir": str(student_dir), "adapter_dir": str(run.adapter),
     }
-    (final_dir / FINAL_JSON).write_text(json.dumps(record, indent=2))
+    run.final_json.write_text(json.dumps(record, indent=2))
     print(f"final: done in {record['seconds']:.0f}s; merged vs unmerged logits differ by at most {merge_diff:.2e}; "
           f"student saved to {student_dir}")
     return FinalResult(final_dir, record)
@@ -545,12 +512,12 @@ def load_run(run: str | Path) -> tuple[RunConfig, Path]:
     """The resolved config of a finished search in `run`; exits 2 if it is not one."""
     from kdray.config import load_config
 
-    run_dir = Path(run).resolve()
-    missing = [f for f in ("config.yaml", "best_config.yaml") if not (run_dir / f).is_file()]
+    rd = RunDir(Path(run).resolve())
+    missing = [p.name for p in (rd.config, rd.best_config) if not p.is_file()]
     if missing:
         raise UserError(f"--run {run}: not a finished search (no {' or '.join(missing)}). Fix: pass a run "
                         f"directory written by `python -m kdray.search` (runs/<name>/).")
-    return load_config(run_dir / "config.yaml"), run_dir
+    return load_config(rd.config), rd.root
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -571,14 +538,12 @@ def main(argv: list[str] | None = None) -> int:
         raise UserError(f"--seeds {args.seeds}: needs at least 1 seed.")
 
     from kdray.data import load_data
-    from kdray.models import build_model, encoder_layers
     from kdray.report import wandb_mode_of, write_report
 
     wandb_mode = wandb_mode_of(args.wandb)
     task = load_data(cfg.data)
-    n_layers = len(encoder_layers(build_model(cfg.student, task.num_labels, device="meta"))[1])
     init_ray(args.address)
-    run_final(cfg, task, run_dir, n_layers, seeds=args.seeds)
+    run_final(cfg, task, run_dir, seeds=args.seeds)
     write_report(run_dir, wandb_mode=wandb_mode)
     return 0
 

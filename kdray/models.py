@@ -125,6 +125,11 @@ def encoder_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
                     f"RoBERTa- or DistilBERT-style encoder.")
 
 
+def encoder_count(spec: ModelConfig, num_labels: int) -> int:
+    """How many encoder layers `spec`'s model has (built on the meta device: no memory)."""
+    return len(encoder_layers(build_model(spec, num_labels, device="meta"))[1])
+
+
 def _keep_layers(model: nn.Module, keep: list[int]) -> None:
     name, layers = encoder_layers(model)
     parent = model.get_submodule(name.rsplit(".", 1)[0])

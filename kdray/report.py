@@ -48,8 +48,8 @@ def build_results(run_dir: Path) -> dict[str, Any]:
     """Everything the report shows, as plain data (validated against the schema)."""
     import pyarrow.parquet as pq
 
-    from kdray.final import package_version
-    from kdray.search import status_counts
+    from kdray.machine import package_version
+    from kdray.trials import status_counts
 
     cfg = yaml.safe_load((run_dir / "config.yaml").read_text())
     best = yaml.safe_load((run_dir / "best_config.yaml").read_text())
@@ -292,7 +292,7 @@ def param_importances(run_dir: Path, study_name: str, seed: int) -> dict[str, fl
     """fANOVA importances over the trials that trained (over-budget rejections left out)."""
     import optuna
 
-    from kdray.search import REJECTED_ATTR
+    from kdray.trials import REJECTED_ATTR
 
     storage = f"sqlite:///{run_dir / 'search' / 'optuna.db'}"
     study = optuna.load_study(study_name=study_name, storage=storage)

@@ -1,9 +1,10 @@
 """Teacher stage: fine-tune (or take) the teacher, evaluate it, and compute its logits once.
 
-The teacher trains with the distillation loop itself (`alpha=1`: labels only) on Ray Train
-workers. Its logits on train and validation are computed by the same workers right after
-training, each on its shard, while the trained weights are still in memory: a separate Ray Data
-job would pay a second start-up (~10-20 s here) and reload the model for no gain. Everything is
+The teacher trains with the distillation loop itself (`alpha=1`: labels only) through the trial
+engine (one Tune trial: in its own process with one worker, on Ray Train workers with several).
+Its logits on train and validation are computed by the same process(es) right after training,
+each on its shard, while the trained weights are still in memory: a separate Ray Data job would
+pay a second start-up (~10-20 s here) and reload the model for no gain. Everything is
 cached under a fingerprint of what determines it (teacher spec and training, tokenizer, data,
 max_length, seed): a second run trains nothing and says so.
 
@@ -89,41 +90,41 @@ def prepare_teacher(cfg: RunConfig, task: TaskData, *, storage_path: str | Path 
 def _train_on_ray(cfg: RunConfig, task: TaskData, tokenizer: Any, out: Path, storage_path: Any, key: str) -> None:
     import ray
 
-    from kdray.cluster import fit, init_ray
-    from kdray.distill import DistillData, DistillJob, Split
+    from kdray.cluster import init_ray
+    from kdray.engine import TrialSpec, run_one, trial_resources
+    from kdray.loop import DistillData, DistillJob, Split
 
     tokenized, _ = tokenize(task, tokenizer, cfg.data.max_length, cfg.cache_dir)
     data = DistillData(Split.from_dataset(tokenized["train"]), Split.from_dataset(tokenized["validation"]))
     train = dataclasses.replace(cfg.teacher.train, alpha=1.0, teacher_logits="cached")
     job = DistillJob(cfg.teacher, train, task.label_names, tokenizer.pad_token_id, cfg.seed)
     init_ray()
-    storage = storage_path or Path(tempfile.gettempdir()) / "kdray-train"
-    result = fit(teacher_worker, {"job": job, "data": ray.put(data), "fine_tuned": cfg.teacher.fine_tuned},
-                 name=f"teacher-{key}", storage_path=storage, resources=cfg.teacher.resources or cfg.resources)
+    storage = str(storage_path or Path(tempfile.gettempdir()) / "kdray-train")
+    resources = trial_resources(cfg.teacher.resources or cfg.resources, 1, role="teacher")
+    spec = TrialSpec(teacher_entry, job, ray.put(data), resources, storage)
+    result = run_one(spec, f"teacher-{key}", storage)
     with result.checkpoint.as_directory() as d:
         for name in (MODEL_DIR, LOGITS_FILE, RECORD_FILE):
             src = Path(d) / name
             (shutil.copytree if src.is_dir() else shutil.copy2)(src, out / name)
 
 
-def teacher_worker(config: dict) -> None:
-    """Ray Train entry point: fine-tune, evaluate, compute logits on this rank's shard, and (rank
-    0) write model + logits + record as the run's final checkpoint."""
-    import ray
-    import ray.train
+def teacher_entry(job: Any, data: Any, worker: Any) -> None:
+    """The engine entry of the teacher (`worker`: a `kdray.engine.Worker`): fine-tune, evaluate,
+    compute logits on this rank's shard, and (rank 0) report model + logits + record as the
+    run's last checkpoint."""
     import torch.distributed as dist
 
-    from kdray.cluster import distill_on_worker, ray_report, worker_context
-    from kdray.distill import evaluate, predict_logits, write_logits
+    from kdray.engine import distill_entry
+    from kdray.loop import evaluate, predict_logits, write_logits
     from kdray.models import build_model
 
-    job, data = config["job"], ray.get(config["data"])
-    rank, world, device = worker_context()
+    rank, world, device = worker.rank, worker.world_size, worker.device
     t0 = time.perf_counter()
-    if config["fine_tuned"] or job.train.epochs == 0:
+    if job.model.fine_tuned or job.train.epochs == 0:
         model = build_model(job.model, job.num_labels, job.label_names, device=device, seed=job.seed)
     else:
-        model = distill_on_worker(job, data, ray.train.get_checkpoint()).model
+        model = distill_entry(job, data, worker).model
     if hasattr(model, "merge_and_unload"):  # a LoRA teacher is saved and served merged
         model = model.merge_and_unload()
     train_seconds = time.perf_counter() - t0
@@ -142,18 +143,18 @@ def teacher_worker(config: dict) -> None:
         parts[split_name] = shard
     logits_seconds = time.perf_counter() - t1
     record = {**val, "train_seconds": train_seconds, "logits_seconds": logits_seconds, "workers": world,
-              "device": str(device), "epochs": 0 if config["fine_tuned"] else job.train.epochs,
+              "device": str(device), "epochs": 0 if job.model.fine_tuned else job.train.epochs,
               "label_names": job.label_names, "model": job.model.name or "inline config"}
     with tempfile.TemporaryDirectory(prefix="kdray-teacher-") as tmp:
         if rank == 0:
             model.save_pretrained(Path(tmp) / MODEL_DIR, safe_serialization=True)
             write_logits(Path(tmp) / LOGITS_FILE, parts)
             (Path(tmp) / RECORD_FILE).write_text(json.dumps(record, indent=2))
-        ray_report({**val, M.STATUS: "teacher_done"}, tmp if rank == 0 else None)
+        worker.report({**val, M.STATUS: "teacher_done"}, tmp if rank == 0 else None)
 
 
 def _progress(what: str):
-    from kdray.distill import say
+    from kdray.loop import say
 
     start = time.perf_counter()
     last = [0.0]

@@ -55,7 +55,7 @@ def smoke_run(ray_cluster, tmp_path_factory) -> Path:
     """One end-to-end smoke run (search + final stage + report), shared by the tests that read it:
     6 trials, 2 at a time on the 2-CPU cluster, wandb offline. A wide learning-rate range makes
     some trials fall behind at the first rung, so ASHA stops them."""
-    from kdray.search import main
+    from kdray.pipeline import main
 
     os.environ["KDRAY_CACHE"] = str(tmp_path_factory.getbasetemp() / "kdray-cache")
     out = tmp_path_factory.mktemp("smoke-run")

@@ -181,12 +181,13 @@ def test_trials_run_on_both_nodes_of_a_two_node_cluster(two_nodes, tmp_path):
     run = tmp_path / "runs" / "smoke"
     rows = pq.read_table(run / "search" / "trials.parquet").to_pylist()
     assert len(rows) == 4 and all(row["status"] in ("completed", "stopped early") for row in rows)
-    # The node each trial's Ray Train worker ran on, as the worker reported it.
+    # The node each trial trained on, as the trial reported it.
     assert {row["node"] for row in rows} == set(ids.values()), rows
-    # Checkpoints went to the storage path, not the run directory; the final stage loaded them
-    # (seed 0: the chosen search trial's, seed 1: its own retrain's).
-    assert len(list((storage / "smoke" / "train").glob("trial-*/checkpoint_*"))) >= 4
-    assert len(list((storage / "smoke" / "final" / "train").glob("trial-*/checkpoint_*"))) >= 1
+    # Checkpoints went to the storage path (the Tune experiments), not the run directory; the
+    # final stage loaded them (seed 0: the chosen search trial's, seed 1: its own retrain's).
+    assert len(list((storage / "smoke" / "search").glob("*/checkpoint_*"))) >= 4
+    assert len(list((storage / "smoke" / "final" / "tune").glob("*/checkpoint_*"))) >= 1
+    assert all(row["checkpoint_path"].startswith(str(storage)) for row in rows)
     assert not (run / "train").exists()
     assert (run / "final" / "student" / "model.safetensors").is_file() and (run / "report.md").is_file()
 
@@ -235,7 +236,7 @@ def search_args(command: str) -> list[str]:
 
 def check_search_command(args: list[str]) -> None:
     from kdray.config import load_config
-    from kdray.search import build_parser
+    from kdray.pipeline import build_parser
 
     parsed = build_parser().parse_args(args)
     space = ROOT / parsed.space if not Path(parsed.space).is_absolute() else Path(parsed.space)

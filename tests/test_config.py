@@ -35,7 +35,7 @@ def test_every_shipped_space_loads_and_samples_within_budget(name, tmp_path):
     import optuna
 
     from kdray.models import build_model, encoder_layers
-    from kdray.search import BudgetedSpace
+    from kdray.study import BudgetedSpace
 
     cfg = load_config(name)
     for spec in (cfg.teacher, cfg.student):

@@ -16,8 +16,8 @@ import torch.nn.functional as F
 from kdray import metrics as M
 from kdray.config import load_config
 from kdray.data import load_data, tokenize
-from kdray.distill import (CachedTeacher, DistillData, DistillJob, OnlineTeacher, Split, TeacherLogits, distill,
-                           kd_loss, make_batches, predict_logits)
+from kdray.loop import (DeviceSplit, DistillData, DistillJob, OnlineTeacher, Split, TeacherLogits, cached_teacher, distill,
+                        kd_loss, make_batches, predict_logits)
 from kdray.models import build_model, load_tokenizer
 
 
@@ -114,9 +114,9 @@ def test_cached_and_online_teacher_give_the_same_loss(smoke):
     # Cached: computed once, in length-sorted batches of another composition and padding.
     table = TeacherLogits(train.example_ids, predict_logits(teacher, train, 100, tok.pad_token_id, torch.device("cpu")))
     idx = make_batches(train.lengths, 32, shuffle=True, seed=0, epoch=0, group_by_length=False)[0]
-    batch = train.collate(idx, tok.pad_token_id, torch.device("cpu"))
+    batch = DeviceSplit(train, tok.pad_token_id, "cpu", table).batch(idx)
     student_logits = torch.randn(len(idx), 2, generator=torch.Generator().manual_seed(0))
-    cached = kd_loss(student_logits, batch["labels"], CachedTeacher(table)(batch), 0.4, 3.0)[0]
+    cached = kd_loss(student_logits, batch["labels"], cached_teacher(batch), 0.4, 3.0)[0]
     online = kd_loss(student_logits, batch["labels"], OnlineTeacher(teacher)(batch), 0.4, 3.0)[0]
     assert abs(cached.item() - online.item()) < 1e-5
     assert cached.item() > 0
@@ -166,14 +166,15 @@ def test_checkpoint_resume_in_process_continues_at_epoch_two(smoke, tmp_path):
 def test_two_worker_ray_train_run_reports_each_epoch_and_resumes(ray_cluster, smoke, tmp_path):
     from ray.train import Checkpoint
 
-    from kdray.cluster import distill_worker, fit
+    from kdray.engine import TrialSpec, ddp_loop, distill_entry, fit
 
     cfg, task, tok, train, val = smoke
     table = TeacherLogits(train.example_ids, np.random.default_rng(0).normal(size=(len(train), 2)).astype(np.float32))
     job = DistillJob(cfg.student, dataclasses.replace(cfg.train, epochs=2), task.label_names, tok.pad_token_id)
     resources = dataclasses.replace(cfg.resources, workers=2)
     data_ref = ray_cluster.put(DistillData(train, val, table))
-    result = fit(distill_worker, {"job": job, "data": data_ref}, name="two-workers", storage_path=tmp_path, resources=resources)
+    spec = TrialSpec(distill_entry, job, data_ref, resources, str(tmp_path))
+    result = fit(ddp_loop, {"spec": spec, "job": job}, name="two-workers", storage_path=tmp_path, resources=resources)
     run_dir = Path(result.path)
     checkpoints = sorted(p for p in run_dir.glob("checkpoint_*") if p.is_dir())
     states = [json.loads((c / "state.json").read_text()) for c in checkpoints]
@@ -184,7 +185,7 @@ def test_two_worker_ray_train_run_reports_each_epoch_and_resumes(ray_cluster, sm
     assert all(math.isfinite(h[M.VAL_LOSS]) and 0 <= h[M.VAL_ACCURACY] <= 1 for h in history)
     assert history[0][M.TRAIN_KD] > 0  # the KD term was on
 
-    resumed = fit(distill_worker, {"job": job, "data": data_ref, "resume_from": Checkpoint.from_directory(str(checkpoints[0]))},
+    resumed = fit(ddp_loop, {"spec": spec, "job": job, "resume_from": Checkpoint.from_directory(str(checkpoints[0]))},
                   name="two-workers-resumed", storage_path=tmp_path, resources=resources)
     resumed_ckpts = sorted(p for p in Path(resumed.path).glob("checkpoint_*") if p.is_dir())
     assert len(resumed_ckpts) == 1  # only epoch 2 ran

@@ -62,7 +62,7 @@ def test_the_saved_student_loads_in_a_pipeline_and_equals_the_unmerged_one(smoke
 
     from kdray.config import load_config
     from kdray.data import load_data, tokenize
-    from kdray.distill import Split, predict_logits
+    from kdray.loop import Split, predict_logits
     from kdray.models import build_model, load_tokenizer
 
     run = smoke_run
@@ -98,7 +98,7 @@ def test_selection_never_reads_the_test_split(smoke_run):
     the trials trained and selected on (the teacher's cached logits) holds no test example."""
     from kdray.config import load_config
     from kdray.data import SELECTION_SPLITS, load_data
-    from kdray.distill import TeacherLogits
+    from kdray.loop import TeacherLogits
     from kdray.teacher import prepare_teacher
 
     run = smoke_run
@@ -130,10 +130,12 @@ def test_baselines_train_without_kd_and_with_a_frozen_encoder(smoke_run):
     assert set(v) == {"student", "no_kd", "head_only"}
     assert v["student"][M.TRAINABLE_PARAMS] == v["no_kd"][M.TRAINABLE_PARAMS] == best[M.TRAINABLE_PARAMS]
     assert v["head_only"][M.TRAINABLE_PARAMS] == head_cost(cfg.student, 2)
-    # What the Ray Train workers actually trained: alpha 1 for no_kd (its KD term is exactly 0),
-    # the best alpha for the others.
-    for trial in (run / "final" / "tune").glob("run_trial_*"):
-        case = json.loads((trial / "params.json").read_text())["case"]
+    # What the trials actually trained: alpha 1 for no_kd (its KD term is exactly 0), the best
+    # alpha for the others.
+    trials = list((run / "final" / "tune").glob("run_trial_*"))
+    assert trials
+    for trial in trials:
+        case = json.loads((trial / "params.json").read_text())["trial"]
         rows = [json.loads(line) for line in (trial / "result.json").read_text().splitlines()]
         assert len(rows) == case["epochs"]
         assert rows[-1][M.TRAINABLE_PARAMS] == case[M.TRAINABLE_PARAMS]

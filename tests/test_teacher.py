@@ -7,7 +7,7 @@ import pyarrow.parquet as pq
 from kdray import metrics as M
 from kdray.config import load_config
 from kdray.data import load_data
-from kdray.distill import TeacherLogits
+from kdray.loop import TeacherLogits
 from kdray.teacher import prepare_teacher
 
 

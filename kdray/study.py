@@ -1,0 +1,345 @@
+"""Search stage: the budget-constrained Ray Tune + Optuna + ASHA search (`run_search`).
+
+Each Optuna sample is counted on the meta device while it is drawn; one over budget is told to
+the sampler (an Optuna constraint plus the worst value) and replaced by a new sample before it
+ever becomes a Tune trial, so no device time goes to it. Trials run through the trial engine
+(`kdray.engine`); ASHA stops weak ones early on `val/accuracy` per epoch. The main command,
+`python -m kdray.search`, is `kdray.pipeline`: teacher, this search, the final stage, the report.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import time
+from typing import Any
+
+import optuna
+import yaml
+from ray.tune.search.optuna import OptunaSearch
+
+from kdray import metrics as M
+from kdray.budget import count, head_cost, rank_limit
+from kdray.cluster import NODE_ID
+from kdray.machine import GpuSampler
+from kdray.config import RunConfig, SpaceConfig, StudentConfig, to_dict
+from kdray.rundir import RunDir
+from kdray.trials import LAYER_PREFIX, REJECTED_ATTR, TrialConfig, status_counts
+
+METRIC, MODE = M.VAL_ACCURACY, "max"
+
+
+# ----------------------------------------------------------------------------- the space
+
+
+class BudgetedSpace:
+    """Optuna define-by-run space that counts each sample's trainable parameters.
+
+    Module-level and picklable (Tune saves the searcher for resume). It does no computation
+    besides the count (a meta-device build, milliseconds). An over-budget sample gets a positive
+    Optuna constraint value and `feasible: False`; `BudgetedOptunaSearch` then rejects it.
+    """
+
+    def __init__(self, space: SpaceConfig, student: StudentConfig, num_labels: int, budget: int, n_layers: int):
+        self.space, self.student, self.num_labels = space, student, num_labels
+        self.budget, self.n_layers = budget, n_layers
+        """`n_layers`: the student's encoder layers, one `layer_i` flag each when layers are searched."""
+
+    def __call__(self, trial: Any) -> dict[str, Any]:
+        sp = self.space
+        trial.suggest_float("alpha", sp.alpha[0], sp.alpha[1])
+        trial.suggest_float("temperature", sp.temperature[0], sp.temperature[1], log=sp.temperature[0] < sp.temperature[1])
+        trial.suggest_float("learning_rate", sp.learning_rate[0], sp.learning_rate[1],
+                            log=sp.learning_rate[0] < sp.learning_rate[1])
+        trial.suggest_categorical("lora_r", sp.lora_r)
+        trial.suggest_categorical("lora_alpha", sp.lora_alpha)
+        trial.suggest_float("lora_dropout", sp.lora_dropout[0], sp.lora_dropout[1])
+        trial.suggest_categorical("target_modules", [",".join(t) for t in sp.target_modules])
+        trial.suggest_categorical("epochs", sp.epochs)
+        if sp.layers == "subset":
+            for i in range(self.n_layers):
+                trial.suggest_categorical(f"{LAYER_PREFIX}{i}", [True, False])
+        choice = TrialConfig.from_params(trial.params)
+        if not choice.lora.layers and choice.lora.layers is not None:
+            n, feasible = 0, False  # no layer chosen: not a LoRA student at all
+        else:
+            n = count(choice.student(self.student), self.num_labels)
+            feasible = n <= self.budget
+        # Feasible when <= 0: trainable parameters over budget (an empty layer set counts as over).
+        trial.set_constraint("budget", float(n - self.budget) if n else 1.0)
+        if not feasible:
+            trial.set_user_attr(REJECTED_ATTR, True)
+        return {M.TRAINABLE_PARAMS: n, "feasible": feasible}
+
+
+class BudgetedOptunaSearch(OptunaSearch):
+    """OptunaSearch that never hands Tune an over-budget configuration.
+
+    An infeasible sample is told to the study at once (worst value; its constraint is already
+    set, so TPE learns the region is infeasible) and replaced by a new one.
+    """
+
+    max_rejections = 200
+
+    def suggest(self, trial_id: str) -> dict | None:
+        for _ in range(self.max_rejections):
+            config = super().suggest(trial_id)
+            if config is None or config.get("feasible", True):
+                return config
+            self._ot_study.tell(self._ot_trials.pop(trial_id), 0.0)
+        raise RuntimeError(f"{self.max_rejections} samples in a row were over the budget: narrow the "
+                           f"space (smaller ranks, fewer modules or layers).")
+
+    def on_trial_result(self, trial_id: str, result: dict) -> None:
+        try:
+            super().on_trial_result(trial_id, result)
+        except optuna.exceptions.UpdateFinishedTrialError:
+            # After --resume the study (SQLite) can be ahead of Tune's last snapshot: a trial it
+            # already closed reports again. The study keeps its first verdict.
+            pass
+
+
+def make_searcher(cfg: RunConfig, space: BudgetedSpace, storage_url: str | None) -> Any:
+    from optuna.samplers import TPESampler
+
+    # Multivariate TPE handles the conditional, grouped space; constant_liar spreads parallel trials.
+    sampler = TPESampler(seed=cfg.seed, multivariate=True, group=True, constant_liar=True,
+                         n_startup_trials=startup_trials(cfg.search.trials, cfg.search.concurrency))
+    kwargs = {"storage": _optuna_storage(storage_url)} if storage_url else {}
+    searcher = BudgetedOptunaSearch(space=space, metric=METRIC, mode=MODE, sampler=sampler, study_name=cfg.name,
+                                    **kwargs)
+    searcher.max_rejections = cfg.search.max_rejections
+    return searcher
+
+
+def startup_trials(trials: int, concurrency: int) -> int:
+    """TPE's random start-up: a third of the trials (at least one round of `concurrency`), so
+    most of a small search is guided. Optuna's default of 10 would make an 8-trial search random."""
+    return max(1, concurrency, trials // 3)
+
+
+def _optuna_storage(url: str) -> Any:
+    return optuna.storages.RDBStorage(url, engine_kwargs={"connect_args": {"timeout": 30}})
+
+
+# ----------------------------------------------------------------------------- results
+
+
+def trial_rows(results: Any, budget: int) -> list[dict[str, Any]]:
+    """One row per trial: config, params, per-epoch val metrics, epochs run, status, wall time, node."""
+    from kdray.engine import checkpoint_path
+
+    rows = []
+    for r in results:
+        c, last = TrialConfig.of_tune(r.config), r.metrics or {}
+        df = r.metrics_dataframe
+        per_epoch = df.dropna(subset=[METRIC]) if df is not None and METRIC in df else None
+        accuracy = [float(x) for x in per_epoch[METRIC]] if per_epoch is not None else []
+        f1 = [float(x) for x in per_epoch[M.VAL_F1]] if per_epoch is not None else []
+        epochs_run = int(per_epoch[M.EPOCHS_DONE].max()) if accuracy else 0
+        if r.error is not None:
+            status = "failed"
+        else:
+            status = "completed" if epochs_run >= c.epochs else "stopped early"
+        rows.append({
+            "trial_id": last.get("trial_id"), **c.to_row(),
+            "reported_trainable_params": int(last.get(M.TRAINABLE_PARAMS, -1)),
+            "within_budget": c.trainable_params <= budget,
+            "val_accuracy_per_epoch": accuracy, "val_f1_macro_per_epoch": f1,
+            "best_val_accuracy": max(accuracy) if accuracy else None,
+            "epochs_run": epochs_run, "status": status,
+            "wall_time_s": float(last.get("time_total_s", float("nan"))),
+            "node": last.get(NODE_ID),
+            "checkpoint_path": checkpoint_path(r),
+        })
+    return rows
+
+
+def write_results(result: "SearchResult") -> None:
+    """`search/trials.parquet`, `search/summary.json` and `best_config.yaml`."""
+    import json
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    run = result.run
+    run.search.mkdir(parents=True, exist_ok=True)
+    pq.write_table(pa.Table.from_pylist(result.rows), run.trials)
+    run.summary.write_text(json.dumps({"seconds": result.seconds, "rejected": result.rejected,
+                                       "trials": len(result.rows), "test_reads": result.test_reads,
+                                       "gpu": result.gpu}, indent=2))
+    if result.best is not None:
+        run.best_config.write_text(yaml.safe_dump(result.best, sort_keys=False))
+
+
+def best_config(rows: list[dict], cfg: RunConfig) -> dict | None:
+    """The trial with the best validation accuracy (any epoch); validation only, never test."""
+    scored = [r for r in rows if r["best_val_accuracy"] is not None and r["status"] != "failed"]
+    if not scored:
+        return None
+    b = max(scored, key=lambda r: (r["best_val_accuracy"], -r[M.TRAINABLE_PARAMS]))
+    return {"trial_id": b["trial_id"], "best_val_accuracy": b["best_val_accuracy"],
+            M.TRAINABLE_PARAMS: b[M.TRAINABLE_PARAMS], "budget": cfg.budget, **TrialConfig.from_row(b).to_yaml()}
+
+
+def largest_student(cfg: RunConfig) -> StudentConfig:
+    """The space's most memory-hungry student: its largest rank on its largest module set, every layer."""
+    from kdray.config import LoraChoice
+
+    sp = cfg.space
+    lora = LoraChoice(r=max(sp.lora_r), alpha=max(sp.lora_alpha), dropout=sp.lora_dropout[0],
+                      target_modules=max(sp.target_modules, key=len), layers=None)
+    return dataclasses.replace(cfg.student, mode="lora", lora=lora)
+
+
+def count_rejected(storage_url: str, study_name: str) -> int:
+    study = optuna.load_study(study_name=study_name, storage=_optuna_storage(storage_url))
+    return sum(1 for t in study.get_trials(deepcopy=False) if t.user_attrs.get(REJECTED_ATTR))
+
+
+# ----------------------------------------------------------------------------- the stage
+
+
+def describe(cfg: RunConfig, num_labels: int, n_layers: int) -> None:
+    """Print what the run derived: head cost, largest feasible rank per module set, trials, device."""
+    s = cfg.student
+    head = head_cost(s, num_labels)
+    print(f"budget: {cfg.budget:,} trainable parameters; the head alone costs {head:,}")
+    layers = "each layer in or out" if cfg.space.layers == "subset" else "all layers"
+    print(f"student: {s.name or 'inline ' + s.config['model_type'] + ' config'}, {n_layers} layers ({layers}); "
+          f"largest rank within budget with all {n_layers} layers:")
+    for ts in cfg.space.target_modules:
+        lim = rank_limit(s, num_labels, ts, None)
+        r = lim.max_rank(cfg.budget)
+        ok = [x for x in cfg.space.lora_r if r is not None and x <= r]
+        print(f"  {','.join(ts):<24} {lim.per_rank:>8,}/rank  max r {r if r is not None else 'none':>5}  "
+              f"space ranks that fit: {ok or 'none (need fewer layers)'}")
+    res = cfg.resources
+    device = f"{res.gpus_per_worker:g} GPU" if res.gpus_per_worker else f"{res.cpus_per_worker:g} CPU"
+    where = "in the trial's own process" if res.workers == 1 else f"on {res.workers} Ray Train (DDP) workers"
+    print(f"search: {cfg.search.trials} trials, {cfg.search.concurrency} at a time, epochs {cfg.space.epochs}, "
+          f"ASHA grace {cfg.search.grace_period} / factor {cfg.search.reduction_factor}; each trial trains {where}, "
+          f"{device} each")
+
+
+def wandb_callback(mode: str, cfg: RunConfig, run: RunDir) -> Any:
+    """One wandb run per trial, grouped by run name (None when disabled). Call before Ray
+    starts: the logging actor takes WANDB_MODE from the environment Ray forwards."""
+    if mode == "disabled":
+        return None
+    os.environ["WANDB_MODE"] = mode
+    os.environ.setdefault("WANDB_SILENT", "true")
+    from ray.air.integrations.wandb import WandbLoggerCallback
+
+    class NonBlockingWandbLogger(WandbLoggerCallback):
+        """Ray's wandb logger hands every result to a per-trial queue actor and waits for the
+        hand-over (`Queue.put` is a `ray.get` on an actor call; the first one waits for the new
+        actor's process to start). Tune's loop stalled 1.5-2.8 s per result on an H100 that
+        way. Here the hand-over is sent and not waited for: one caller's calls to one actor
+        run in order, so the results and the closing END still reach wandb in order."""
+
+        def _put(self, trial: Any, item: Any) -> None:
+            self._trial_queues[trial].actor.put.remote(item, None)
+
+        def log_trial_result(self, iteration: int, trial: Any, result: dict) -> None:
+            from ray.air.integrations.wandb import _clean_log, _QueueItem
+
+            if trial not in self._trial_logging_actors:
+                self.log_trial_start(trial)
+            self._put(trial, (_QueueItem.RESULT, _clean_log(result, video_kwargs=self.video_kwargs,
+                                                              image_kwargs=self.image_kwargs)))
+
+        def _signal_logging_actor_stop(self, trial: Any) -> None:
+            from ray.air.integrations.wandb import _QueueItem
+
+            self._put(trial, (_QueueItem.END, None))
+
+    run.wandb.mkdir(parents=True, exist_ok=True)
+    # upload_timeout: the default 1800 s would hold Ctrl-C for half an hour (RAY_NOTES.md).
+    # Checkpoints stay out of wandb (upload_checkpoints is off): they live under search/.
+    return NonBlockingWandbLogger(project="kdray", group=cfg.name, upload_timeout=60, dir=str(run.root),
+                                  excludes=["feasible", NODE_ID])
+
+
+@dataclasses.dataclass
+class SearchResult:
+    rows: list[dict]
+    best: dict | None
+    rejected: int
+    run: RunDir
+    seconds: float
+    test_reads: list[str] = dataclasses.field(default_factory=list)
+    """Who had opened the test split when selection ended (`TaskData.test_reads`): empty."""
+    gpu: dict = dataclasses.field(default_factory=dict)
+    """GPU utilisation sampled through NVML while the trials ran (`kdray.machine.GpuSampler`)."""
+
+
+def run_search(cfg: RunConfig, task: Any, run: RunDir, n_layers: int, *, resume: bool = False,
+               wandb: Any = None) -> SearchResult:
+    """Teacher (cached), then the Tune search over `task` (the data stage's `TaskData`); writes
+    trials.parquet and best_config.yaml. Ray must be running (`kdray.cluster.init_ray`);
+    `wandb` is `wandb_callback`'s, made before Ray started (or None)."""
+    import ray
+    from ray import tune
+    from ray.tune.schedulers import ASHAScheduler
+
+    from kdray.cluster import storage_join, storage_root, warn_if_storage_is_local
+    from kdray.engine import (TrialSpec, distill_entry, gpu_probe, progress_callback, trial_resources,
+                              tune_run_config, tune_trainable)
+    from kdray.loop import distill_inputs
+    from kdray.teacher import prepare_teacher
+
+    t0 = time.perf_counter()
+    print(f"data: {task.description}")
+    run.root.mkdir(parents=True, exist_ok=True)
+    run.config.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    warn_if_storage_is_local(cfg)
+    storage = storage_root(cfg, run.root)
+    teacher = prepare_teacher(cfg, task, storage_path=storage_join(storage, "train"))
+    job, data = distill_inputs(cfg, task, teacher)
+    largest = dataclasses.replace(job, model=largest_student(cfg))
+    resources = trial_resources(cfg.resources, cfg.search.concurrency, probe=gpu_probe(largest, cfg.data.max_length))
+    spec = TrialSpec(distill_entry, job, ray.put(data), resources, storage_join(storage, "train"),
+                     cfg.search.max_failures)
+    run.search.mkdir(parents=True, exist_ok=True)
+    callbacks = [progress_callback()] + ([wandb] if wandb is not None else [])
+    run_config = tune_run_config("search", storage, keep=2, max_failures=cfg.search.max_failures, callbacks=callbacks)
+    if resume:
+        tuner = tune.Tuner.restore(storage_join(storage, "search"), trainable=tune_trainable(spec),
+                                   resume_errored=True)
+    else:
+        space = BudgetedSpace(cfg.space, cfg.student, task.num_labels, cfg.budget, n_layers)
+        scheduler = ASHAScheduler(time_attr=M.EPOCHS_DONE, max_t=max(cfg.space.epochs),
+                                  grace_period=cfg.search.grace_period, reduction_factor=cfg.search.reduction_factor)
+        tuner = tune.Tuner(
+            tune_trainable(spec),
+            tune_config=tune.TuneConfig(metric=METRIC, mode=MODE, search_alg=make_searcher(cfg, space, run.optuna_url),
+                                        scheduler=scheduler, num_samples=cfg.search.trials,
+                                        max_concurrent_trials=cfg.search.concurrency,
+                                        reuse_actors=cfg.search.reuse_actors),
+            run_config=run_config,
+        )
+    with GpuSampler() as gpu:
+        grid = tuner.fit()
+    rows = trial_rows(grid, cfg.budget)
+    best = best_config(rows, cfg)
+    result = SearchResult(rows, best, count_rejected(run.optuna_url, cfg.name), run, time.perf_counter() - t0,
+                          list(task.test_reads), gpu.summary())
+    write_results(result)
+    return result
+
+
+def summarize(result: SearchResult, cfg: RunConfig) -> None:
+    counts = status_counts(result.rows)
+    print(f"search done in {result.seconds:.0f}s: {counts['completed']} completed, {counts['stopped early']} stopped early, "
+          f"{counts['failed']} failed, {result.rejected} infeasible configs (over budget, or no layer) rejected before training")
+    b = result.best
+    if b is None:
+        print("no trial reported a validation accuracy")
+        return
+    c = TrialConfig.from_yaml(b)
+    print(f"best: val accuracy {b['best_val_accuracy']:.4f} with {b[M.TRAINABLE_PARAMS]:,} trainable parameters "
+          f"({100 * b[M.TRAINABLE_PARAMS] / cfg.budget:.1f}% of budget): alpha {c.alpha:.3f}, "
+          f"T {c.temperature:.2f}, lr {c.learning_rate:.2e}, r {c.lora.r}, lora_alpha {c.lora.alpha:g}, "
+          f"targets {','.join(c.lora.target_modules)}, layers {c.layers_text}")
+    print(f"wrote {result.run.trials} and {result.run.best_config}")

@@ -1,0 +1,133 @@
+"""One trial's configuration, as one typed value, and every shape it is stored in.
+
+A configuration is sampled by Optuna (flat parameters: comma-joined target modules, one
+`layer_i` flag per encoder layer), trained by a Tune trial, written as a row of
+`search/trials.parquet`, chosen into `best_config.yaml` and retrained by the final stage. This
+module is the one place that converts between those shapes; everything else holds a `TrialConfig`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
+
+from kdray import metrics as M
+from kdray.config import LoraChoice, TrainableModelConfig
+
+#: An Optuna trial's user attribute: the sample was over budget (or chose no layer) and never trained.
+REJECTED_ATTR = "kdray_rejected"
+#: Trial statuses in `search/trials.parquet`.
+STATUSES = ("completed", "stopped early", "failed")
+LAYER_PREFIX = "layer_"
+
+
+@dataclass(frozen=True)
+class TrialConfig:
+    """What one trial trains: the distillation knobs, the student's LoRA choice, and (final
+    stage) which variant and seed."""
+
+    alpha: float
+    """Weight of the hard-label loss (1 = no KD)."""
+    temperature: float
+    """KD softmax temperature."""
+    learning_rate: float
+    """Peak AdamW learning rate."""
+    epochs: int
+    """Epochs the trial trains unless ASHA stops it."""
+    lora: LoraChoice
+    """Rank, alpha, dropout, target modules and layers of the student's LoRA."""
+    trainable_params: int = 0
+    """The student's trainable parameters, counted on the meta device when the config was made."""
+    mode: str = "lora"
+    """`lora`, or `head` (the final stage's frozen-encoder baseline: `lora` is then unused)."""
+    seed: int | None = None
+    """Training seed; None: the run's `seed`."""
+    variant: str | None = None
+    """The final stage's variant (`student`, `no_kd`, `head_only`); None in the search."""
+
+    # ------------------------------------------------------------------ Optuna parameters
+
+    @classmethod
+    def from_params(cls, params: dict[str, Any], trainable_params: int = 0) -> "TrialConfig":
+        """From Optuna's flat parameters (`layer_i` flags present only when layers are searched)."""
+        flags = {int(k[len(LAYER_PREFIX):]): bool(v) for k, v in params.items() if k.startswith(LAYER_PREFIX)}
+        layers = sorted(i for i, on in flags.items() if on) if flags else None
+        lora = LoraChoice(r=int(params["lora_r"]), alpha=float(params["lora_alpha"]),
+                          dropout=float(params["lora_dropout"]),
+                          target_modules=str(params["target_modules"]).split(","), layers=layers)
+        return cls(alpha=float(params["alpha"]), temperature=float(params["temperature"]),
+                   learning_rate=float(params["learning_rate"]), epochs=int(params["epochs"]), lora=lora,
+                   trainable_params=int(trainable_params))
+
+    @classmethod
+    def of_tune(cls, config: dict[str, Any]) -> "TrialConfig":
+        """A Tune trial's config: the sampled parameters (plus the space's `trainable_params`),
+        or the final stage's `{"trial": TrialConfig.to_tune()}`."""
+        if "trial" in config:
+            return cls(**{**config["trial"], "lora": LoraChoice(**config["trial"]["lora"])})
+        return cls.from_params(config, config.get(M.TRAINABLE_PARAMS, 0))
+
+    def to_tune(self) -> dict[str, Any]:
+        """As plain data, for a Tune `param_space` (its params.json stays readable)."""
+        return dataclasses.asdict(self)
+
+    # ------------------------------------------------------------------ trials.parquet and best_config.yaml
+
+    @property
+    def layers_text(self) -> str:
+        """`all`, or the comma-joined LoRA layers."""
+        return "all" if self.lora.layers is None else ",".join(map(str, self.lora.layers))
+
+    def to_row(self) -> dict[str, Any]:
+        """The configuration columns of a `trials.parquet` row."""
+        return {"alpha": self.alpha, "temperature": self.temperature, "learning_rate": self.learning_rate,
+                "lora_alpha": self.lora.alpha, "lora_dropout": self.lora.dropout, "lora_r": self.lora.r,
+                "target_modules": ",".join(self.lora.target_modules), "layers": self.layers_text,
+                "epochs": self.epochs, M.TRAINABLE_PARAMS: self.trainable_params}
+
+    @classmethod
+    def from_row(cls, row: dict[str, Any]) -> "TrialConfig":
+        layers = None if row["layers"] == "all" else [int(x) for x in row["layers"].split(",")]
+        lora = LoraChoice(r=int(row["lora_r"]), alpha=float(row["lora_alpha"]), dropout=float(row["lora_dropout"]),
+                          target_modules=str(row["target_modules"]).split(","), layers=layers)
+        return cls(alpha=float(row["alpha"]), temperature=float(row["temperature"]),
+                   learning_rate=float(row["learning_rate"]), epochs=int(row["epochs"]), lora=lora,
+                   trainable_params=int(row[M.TRAINABLE_PARAMS]))
+
+    def to_yaml(self) -> dict[str, Any]:
+        """The `train:` and `student:` sections of `best_config.yaml` (shaped like a space's)."""
+        return {"train": {"alpha": self.alpha, "temperature": self.temperature, "learning_rate": self.learning_rate,
+                          "epochs": self.epochs},
+                "student": {"mode": self.mode, "lora": dataclasses.asdict(self.lora)}}
+
+    @classmethod
+    def from_yaml(cls, best: dict[str, Any]) -> "TrialConfig":
+        t, lora = best["train"], best["student"]["lora"]
+        return cls(alpha=float(t["alpha"]), temperature=float(t["temperature"]),
+                   learning_rate=float(t["learning_rate"]), epochs=int(t["epochs"]),
+                   lora=LoraChoice(r=int(lora["r"]), alpha=float(lora["alpha"]), dropout=float(lora["dropout"]),
+                                   target_modules=list(lora["target_modules"]), layers=lora["layers"]),
+                   trainable_params=int(best.get(M.TRAINABLE_PARAMS, 0)), mode=best["student"].get("mode", "lora"))
+
+    # ------------------------------------------------------------------ what trains
+
+    def student(self, base: TrainableModelConfig) -> TrainableModelConfig:
+        """`base` as this configuration trains it: LoRA as chosen, or head only."""
+        return dataclasses.replace(base, mode=self.mode, lora=self.lora if self.mode == "lora" else base.lora)
+
+    def job(self, template: Any) -> Any:
+        """The `kdray.loop.DistillJob` of this configuration, from the run's `template` job."""
+        train = dataclasses.replace(template.train, alpha=self.alpha, temperature=self.temperature,
+                                    learning_rate=self.learning_rate, epochs=self.epochs)
+        return dataclasses.replace(template, model=self.student(template.model), train=train,
+                                   seed=template.seed if self.seed is None else self.seed)
+
+    def label(self) -> str:
+        """The final stage's name of a run (`student/s0`)."""
+        return f"{self.variant}/s{self.seed}"
+
+
+def status_counts(rows: list[dict]) -> dict[str, int]:
+    """Trials per status: completed, stopped early, failed."""
+    return {s: sum(r["status"] == s for r in rows) for s in STATUSES}

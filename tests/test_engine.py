@@ -1,0 +1,208 @@
+"""The trial engine on a real local Ray cluster: one-worker trials run in the Tune trial's own
+process (no Ray Train worker group), several-worker trials on a DDP worker group; kdray's own
+import graph has no cycle; two searches on one machine at once do not break each other."""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+from kdray import metrics as M
+from kdray.budget import count
+from kdray.config import load_config
+from tests.conftest import ROOT
+
+TRAIN_ACTORS = {"TrainController", "RayTrainWorker"}
+
+
+@pytest.fixture(scope="module")
+def job_and_data(ray_cluster):
+    from kdray.data import load_data, tokenize
+    from kdray.loop import DistillData, DistillJob, Split, TeacherLogits
+    from kdray.models import load_tokenizer
+
+    cfg = load_config("smoke", ["data.max_train_samples=256"])
+    task = load_data(cfg.data)
+    tok = load_tokenizer(cfg.student)
+    tokenized, _ = tokenize(task, tok, cfg.data.max_length, cfg.cache_dir)
+    train, val = Split.from_dataset(tokenized["train"]), Split.from_dataset(tokenized["validation"])
+    table = TeacherLogits(train.example_ids, np.random.default_rng(0).normal(size=(len(train), 2)).astype(np.float32))
+    job = DistillJob(cfg.student, dataclasses.replace(cfg.train, epochs=2, alpha=0.5), task.label_names,
+                     tok.pad_token_id)
+    return cfg, job, ray_cluster.put(DistillData(train, val, table))
+
+
+def actor_classes() -> dict[str, str]:
+    """Every actor the cluster has had (alive or dead): id -> class name."""
+    from ray.util.state import list_actors
+
+    return {a.actor_id: a.class_name for a in list_actors(limit=10_000, raise_on_missing_output=False)}
+
+
+def run_spec(spec, tmp_path: Path, name: str):
+    """The spec's job as one Tune trial keeping every epoch's checkpoint."""
+    from ray import tune
+
+    from kdray.engine import tune_run_config, tune_trainable
+
+    grid = tune.Tuner(tune_trainable(spec), run_config=tune_run_config(name, tmp_path, keep=10, max_failures=0)).fit()
+    (result,) = grid
+    assert result.error is None, result.error
+    return result
+
+
+def test_one_worker_trial_starts_no_train_worker_group_and_reports_every_epoch(job_and_data, tmp_path):
+    from kdray.engine import TrialSpec, distill_entry
+
+    cfg, job, data = job_and_data
+    before = actor_classes()
+    result = run_spec(TrialSpec(distill_entry, job, data, cfg.resources, str(tmp_path / "train")), tmp_path, "one")
+    new = {cls for actor, cls in actor_classes().items() if actor not in before}
+    assert not new & TRAIN_ACTORS, new  # Ray Train local mode: the trial's own process trained
+    assert new, "the trial's own actor should have been listed"
+
+    df = result.metrics_dataframe
+    assert list(df[M.EPOCHS_DONE]) == [1, 2]
+    assert all(0 <= a <= 1 for a in df[M.VAL_ACCURACY]) and all(df[M.TRAIN_KD] > 0)
+    assert set(df[M.TRAINABLE_PARAMS]) == {count(job.model, job.num_labels)}  # the trial's real model
+    # One Tune checkpoint per epoch, each holding the trainable weights and where the run stands.
+    checkpoints = sorted(p for p in Path(result.path).glob("checkpoint_*") if p.is_dir())
+    assert [json.loads((c / "state.json").read_text())["epochs_done"] for c in checkpoints] == [1, 2]
+    assert all((c / "trainable.safetensors").is_file() for c in checkpoints)
+
+
+def test_two_worker_trial_runs_ddp_through_the_engine(job_and_data, tmp_path):
+    from kdray.engine import TrialSpec, distill_entry
+
+    cfg, job, data = job_and_data
+    before = actor_classes()
+    resources = dataclasses.replace(cfg.resources, workers=2, cpus_per_worker=0.9)
+    result = run_spec(TrialSpec(distill_entry, job, data, resources, str(tmp_path / "train")), tmp_path, "two")
+    new = {cls for actor, cls in actor_classes().items() if actor not in before}
+    assert TRAIN_ACTORS <= new, new  # a Train controller and its (two) workers
+    df = result.metrics_dataframe
+    assert list(df[M.EPOCHS_DONE]) == [1, 2] and set(df[M.TRAINABLE_PARAMS]) == {count(job.model, job.num_labels)}
+    # The Train run's checkpoint (forwarded by TuneReportCallback) holds both epochs' history.
+    state = json.loads((Path(df["checkpoint_path"].iloc[-1]) / "state.json").read_text())
+    assert [h["epoch"] for h in state["history"]] == [1, 2]
+
+
+# ----------------------------------------------------------------------------- resources
+
+
+def test_students_per_gpu_from_a_measured_peak():
+    from kdray.engine import CUDA_PROCESS_OVERHEAD, MAX_STUDENTS_PER_GPU, students_per_gpu
+
+    gib = 2**30
+    # 80 GiB: 72 GiB usable; a 4 GiB step + the process overhead fits 15 times, capped at 8.
+    assert students_per_gpu(4 * gib, 80 * gib) == MAX_STUDENTS_PER_GPU == 8
+    assert students_per_gpu(20 * gib, 80 * gib) == int(0.9 * 80 * gib // (20 * gib + CUDA_PROCESS_OVERHEAD)) == 3
+    assert students_per_gpu(90 * gib, 80 * gib) == 1  # too big to share: still one
+
+
+def test_resources_follow_the_machine_without_a_gpu(ray_cluster, capsys):
+    from kdray.engine import trial_resources
+    from kdray.errors import UserError
+
+    cfg = load_config("smoke")
+    assert ray_cluster.cluster_resources().get("GPU", 0) == 0
+    probed = []
+    res = trial_resources(cfg.resources, 2, probe=lambda: probed.append(1) or (0, 0))
+    assert res.gpus_per_worker == 0 and res.cpus_per_worker == cfg.resources.cpus_per_worker and not probed
+    assert "CPU (no GPU visible to Ray)" in capsys.readouterr().out
+    given = dataclasses.replace(cfg.resources, gpus_per_worker=0.25)
+    assert trial_resources(given, 2) == given  # an explicit share is used as given
+    with pytest.raises(UserError, match="device: gpu, but the Ray cluster has no GPU"):
+        trial_resources(dataclasses.replace(cfg.resources, device="gpu"), 2)
+
+
+# ----------------------------------------------------------------------------- the house
+
+
+def kdray_imports(root: Path = ROOT) -> dict[str, set[str]]:
+    """module -> the kdray modules it imports, at module level or inside functions.
+
+    The body of `if __name__ == "__main__":` is left out: it runs only when the file is the
+    program (`python -m`), and is then the module `__main__`, not the one imported by name."""
+    graph = {}
+    for path in sorted((root / "kdray").glob("*.py")):
+        name = f"kdray.{path.stem}" if path.stem != "__init__" else "kdray"
+        tree = ast.parse(path.read_text())
+        body = [n for n in tree.body if not (isinstance(n, ast.If) and "__main__" in ast.unparse(n.test))]
+        found = set()
+        for node in ast.walk(ast.Module(body=body, type_ignores=[])):
+            if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("kdray"):
+                found.add(node.module)
+                found.update(f"{node.module}.{a.name}" for a in node.names)  # `from kdray import metrics`
+            elif isinstance(node, ast.Import):
+                found.update(a.name for a in node.names if a.name.startswith("kdray"))
+        graph[name] = found
+    return {m: {d for d in deps if d in graph and d != m} for m, deps in graph.items()}
+
+
+def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
+    """One import cycle of `graph` (`[a, b, ..., a]`), or None (depth-first search)."""
+    state: dict[str, str] = {}
+
+    def visit(m: str, path: list[str]) -> list[str] | None:
+        state[m] = "open"
+        for d in sorted(graph[m]):
+            if state.get(d) == "open":
+                return path[path.index(d):] + [m, d] if d in path else [m, d]
+            if d not in state and (cycle := visit(d, path + [m])):
+                return cycle
+        state[m] = "done"
+        return None
+
+    for m in sorted(graph):
+        if m not in state and (cycle := visit(m, [])):
+            return cycle
+    return None
+
+
+def test_kdrays_import_graph_has_no_cycle():
+    graph = kdray_imports()
+    assert {"kdray.engine", "kdray.loop", "kdray.study", "kdray.pipeline"} <= set(graph)
+    assert "kdray.loop" in graph["kdray.engine"] and "kdray.engine" in graph["kdray.study"]  # the walk sees imports
+    assert find_cycle(graph) is None
+
+
+def test_the_cycle_finder_finds_a_lower_module_importing_a_higher_one(tmp_path):
+    (tmp_path / "kdray").mkdir()
+    (tmp_path / "kdray" / "low.py").write_text("def f():\n    from kdray.high import g\n")
+    (tmp_path / "kdray" / "high.py").write_text("from kdray import low\n\nif __name__ == '__main__':\n"
+                                                "    from kdray import mid\n")
+    (tmp_path / "kdray" / "mid.py").write_text("from kdray.high import g\n")
+    graph = kdray_imports(tmp_path)
+    assert graph == {"kdray.high": {"kdray.low"}, "kdray.low": {"kdray.high"}, "kdray.mid": {"kdray.high"}}
+    assert find_cycle(graph) == ["kdray.high", "kdray.low", "kdray.high"]
+
+
+# ----------------------------------------------------------------------------- two runs at once
+
+
+def test_two_smoke_searches_on_one_machine_at_once(tmp_path):
+    """Each starts its own local Ray cluster beside the test session's: both complete, every
+    trial of each reports all its epochs."""
+    env = {**os.environ, "KDRAY_CACHE": str(tmp_path / "cache")}
+    env.pop("RAY_ADDRESS", None)
+    procs = [subprocess.Popen([sys.executable, "-m", "kdray.search", "--space", "smoke", "--no-final", "--wandb",
+                               "disabled", "--output-dir", str(tmp_path / f"out{i}"), "--set", "search.trials=2",
+                               "--set", "search.concurrency=1"],
+                              cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+             for i in range(2)]
+    outs = [p.communicate(timeout=600)[0] for p in procs]
+    for i, (p, out) in enumerate(zip(procs, outs)):
+        assert p.returncode == 0, out[-3000:]
+        assert "multiple active Ray instances" not in out, out[-3000:]
+        rows = pq.read_table(tmp_path / f"out{i}" / "smoke" / "search" / "trials.parquet").to_pylist()
+        assert len(rows) == 2 and all(r["status"] in ("completed", "stopped early") for r in rows), rows
