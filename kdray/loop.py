@@ -185,10 +185,11 @@ class DeviceSplit:
                 tt[row, :len(x)] = split.token_type_ids[row]
         self.input_ids = torch.from_numpy(ids).to(self.device)
         self.token_type_ids = torch.from_numpy(tt).to(self.device) if tt is not None else None
-        self.lengths_t = torch.from_numpy(self.lengths).to(self.device)
+        # torch.tensor copies: the object store hands out read-only arrays.
+        self.lengths_t = torch.tensor(self.lengths, device=self.device)
         self.host_labels = split.labels
-        self.labels = torch.from_numpy(split.labels).to(self.device)
-        self.teacher_logits = (torch.from_numpy(teacher.lookup(split.example_ids)).to(self.device)
+        self.labels = torch.tensor(split.labels, device=self.device)
+        self.teacher_logits = (torch.tensor(teacher.lookup(split.example_ids), device=self.device)
                                if teacher is not None else None)
 
     def __len__(self) -> int:
