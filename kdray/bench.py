@@ -146,12 +146,28 @@ def bench_step(args: argparse.Namespace) -> dict:
                      "steps": len(batches), "rounds": args.rounds, "order": "warm pass per mode, then ABAB"},
         "environment": _environment(device),
         "passes": results,
+        "gpu_target": _gpu_target(device, "cached step >= 1.4x the online step, both warm",
+                                  results["cached"]["samples_per_s"] / results["online"]["samples_per_s"] >= 1.4),
         "cached_samples_per_s": results["cached"]["samples_per_s"],
         "online_samples_per_s": results["online"]["samples_per_s"],
         "speedup_cached_vs_online": results["cached"]["samples_per_s"] / results["online"]["samples_per_s"],
         "padding_efficiency_grouped": _padding_efficiency(lengths, grouped),
         "padding_efficiency_ungrouped": _padding_efficiency(lengths, plain),
     }
+
+
+def _gpu_target(device: torch.device, target: str, holds: bool) -> dict:
+    """A target set for a GPU: judged on one, and said to need one on a CPU run."""
+    if device.type == "cuda":
+        return {"target": target, "holds": bool(holds)}
+    return {"target": target, "holds": None, "why": f"needs a GPU: this ran on {device.type}"}
+
+
+def _print_gpu_target(r: dict) -> None:
+    g = r.get("gpu_target")
+    if g is not None:
+        verdict = "needs a GPU (this run was on the CPU)" if g["holds"] is None else ("holds" if g["holds"] else "does NOT hold")
+        print(f"  GPU target: {g['target']}: {verdict}")
 
 
 def print_step(r: dict) -> None:
@@ -165,6 +181,7 @@ def print_step(r: dict) -> None:
     print(f"  padding efficiency (real / padded tokens): grouped {r['padding_efficiency_grouped']:.3f}, "
           f"ungrouped {r['padding_efficiency_ungrouped']:.3f} "
           f"({r['padding_efficiency_grouped'] / r['padding_efficiency_ungrouped']:.2f}x)")
+    _print_gpu_target(r)
 
 
 # ----------------------------------------------------------------------------- infer
@@ -202,7 +219,10 @@ def bench_infer(args: argparse.Namespace) -> dict:
     test = setup["test"]
     bench, logits = benchmark({n: (load, test, setup["pad_id"]) for n, load in loaders.items()}, device, cfg)
     out = {"benchmark": "infer", "settings": {"sizes": args.sizes, "models": setup["describe"],
-                                              "test_examples": len(test), "latency_runs": args.runs},
+                                              "test_examples": len(test), "latency_runs": args.runs,
+                                              "warm_up": "batch 1: --warmup passes per model; batch 32: on CUDA an "
+                                                         "untimed pass over every batch shape per model first; "
+                                                         "latency round-robin over the models"},
            "environment": _environment(device), "models": bench,
            "speedup_student_vs_teacher_p50": bench["teacher"]["latency_ms_p50"] / bench["student"]["latency_ms_p50"],
            "merged_vs_plain_p50": bench["student"]["latency_ms_p50"] / bench["plain"]["latency_ms_p50"],
@@ -226,6 +246,9 @@ def print_infer(r: dict) -> None:
     if "int8_vs_merged_p50" in r:
         print(f"  int8 dynamic / fp32 merged: {r['int8_vs_merged_p50']:.3f} at p50, predictions agree on "
               f"{100 * r['int8_prediction_agreement']:.1f}%")
+    if r["environment"]["device"] == "cpu":
+        print("  on a GPU: throughput is timed after a warm pass over every batch shape (CUDA loads and picks "
+              "kernels per shape); this run was on the CPU, where there is no such warm-up to pay")
 
 
 # ----------------------------------------------------------------------------- overhead
