@@ -372,8 +372,8 @@ def progress_callback(label: Callable[[Any], str] | None = None) -> Any:
     """One concise line per trial epoch and per finished trial; `label(trial)` names a trial in
     the first column (default: its id).
 
-    Lines are printed at the end of Tune's step, after its experiment snapshot: a trial shown
-    as completed is one that `--resume` will not run again."""
+    Lines are printed at the end of Tune's step, after it has taken its experiment snapshot
+    (whose copy to the storage path may still be under way: RAY_NOTES.md)."""
     from ray.tune import Callback
 
     label = label or (lambda trial: trial.trial_id)

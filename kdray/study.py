@@ -38,12 +38,12 @@ class BudgetedSpace:
     Module-level and picklable (Tune saves the searcher for resume). It does no computation
     besides the count (a meta-device build, milliseconds). An over-budget sample gets a positive
     Optuna constraint value and `feasible: False`; `BudgetedOptunaSearch` then rejects it.
+    `n_layers` is the student's encoder depth: one `layer_i` flag each when layers are searched.
     """
 
     def __init__(self, space: SpaceConfig, student: StudentConfig, num_labels: int, budget: int, n_layers: int):
         self.space, self.student, self.num_labels = space, student, num_labels
         self.budget, self.n_layers = budget, n_layers
-        """`n_layers`: the student's encoder layers, one `layer_i` flag each when layers are searched."""
 
     def __call__(self, trial: Any) -> dict[str, Any]:
         sp = self.space
