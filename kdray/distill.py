@@ -48,7 +48,7 @@ def main(argv: list[str] | None = None) -> int:
     job, data = distill_inputs(cfg, task, teacher)
     t0 = time.perf_counter()
     spec = TrialSpec(distill_entry, job, ray.put(data), cfg.resources, str(run_dir / "train"))
-    result = run_one(spec, "distill", str(run_dir / "train"))
+    result = run_one(spec, "distill")
     with result.checkpoint.as_directory() as d:
         history = json.loads((Path(d) / "state.json").read_text())["history"]
     print(f"{'epoch':>5} {'train loss':>10} {'ce':>7} {'kd':>7} {'val loss':>8} {'val acc':>7} {'val f1':>7} {'s':>6}")

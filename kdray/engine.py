@@ -67,7 +67,8 @@ class TrialSpec:
     """Object-store reference to the shared read-only inputs."""
     resources: ResourcesConfig
     storage: str
-    """Where Train runs of several-worker trials write (`<storage>/trial-<id>`)."""
+    """Where Train runs of several-worker trials write (`<storage>/trial-<id>`), and `run_one`'s
+    Tune experiment."""
     max_failures: int = 0
 
 
@@ -345,11 +346,13 @@ def tune_run_config(name: str, storage: str | os.PathLike, *, keep: int, max_fai
                           failure_config=tune.FailureConfig(max_failures=max_failures))
 
 
-def run_one(spec: TrialSpec, name: str, storage: str) -> Any:
-    """Run `spec`'s job as a single Tune trial (the teacher stage); return its Tune `Result`."""
+def run_one(spec: TrialSpec, name: str) -> Any:
+    """Run `spec`'s job as a single Tune trial (the teacher stage, one distillation) whose
+    experiment goes under `spec.storage`; return its Tune `Result`."""
     from ray import tune
 
-    run_config = tune_run_config(f"{name}-{uuid.uuid4().hex[:8]}", storage, keep=1, max_failures=spec.max_failures)
+    run_config = tune_run_config(f"{name}-{uuid.uuid4().hex[:8]}", spec.storage, keep=1,
+                                 max_failures=spec.max_failures)
     (result,) = tune.Tuner(tune_trainable(spec), run_config=run_config).fit()
     if result.error is not None:
         raise result.error

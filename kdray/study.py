@@ -214,12 +214,11 @@ def describe(cfg: RunConfig, num_labels: int, n_layers: int) -> None:
         ok = [x for x in cfg.space.lora_r if r is not None and x <= r]
         print(f"  {','.join(ts):<24} {lim.per_rank:>8,}/rank  max r {r if r is not None else 'none':>5}  "
               f"space ranks that fit: {ok or 'none (need fewer layers)'}")
-    res = cfg.resources
-    device = f"{res.gpus_per_worker:g} GPU" if res.gpus_per_worker else f"{res.cpus_per_worker:g} CPU"
-    where = "in the trial's own process" if res.workers == 1 else f"on {res.workers} Ray Train (DDP) workers"
+    workers = cfg.resources.workers
+    where = "in the trial's own process" if workers == 1 else f"on {workers} Ray Train (DDP) workers"
+    # The device each trial gets is printed once Ray is up (`kdray.engine.trial_resources`).
     print(f"search: {cfg.search.trials} trials, {cfg.search.concurrency} at a time, epochs {cfg.space.epochs}, "
-          f"ASHA grace {cfg.search.grace_period} / factor {cfg.search.reduction_factor}; each trial trains {where}, "
-          f"{device} each")
+          f"ASHA grace {cfg.search.grace_period} / factor {cfg.search.reduction_factor}; each trial trains {where}")
 
 
 def wandb_callback(mode: str, cfg: RunConfig, run: RunDir) -> Any:

@@ -102,7 +102,7 @@ def _train_on_ray(cfg: RunConfig, task: TaskData, tokenizer: Any, out: Path, sto
     storage = str(storage_path or Path(tempfile.gettempdir()) / "kdray-train")
     resources = trial_resources(cfg.teacher.resources or cfg.resources, 1, role="teacher")
     spec = TrialSpec(teacher_entry, job, ray.put(data), resources, storage)
-    result = run_one(spec, f"teacher-{key}", storage)
+    result = run_one(spec, f"teacher-{key}")
     with result.checkpoint.as_directory() as d:
         for name in (MODEL_DIR, LOGITS_FILE, RECORD_FILE):
             src = Path(d) / name
