@@ -33,7 +33,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from kdray.budget import count
     from kdray.data import load_data
-    from kdray.engine import TrialSpec, distill_entry, run_one
+    from kdray.engine import TrialSpec, distill_entry, gpu_probe, run_one, trial_resources
     from kdray.loop import distill_inputs
     from kdray.teacher import prepare_teacher
 
@@ -47,7 +47,8 @@ def main(argv: list[str] | None = None) -> int:
     teacher = prepare_teacher(cfg, task, storage_path=run_dir / "train")
     job, data = distill_inputs(cfg, task, teacher)
     t0 = time.perf_counter()
-    spec = TrialSpec(distill_entry, job, ray.put(data), cfg.resources, str(run_dir / "train"))
+    resources = trial_resources(cfg.resources, 1, probe=gpu_probe(job, cfg.data.max_length))
+    spec = TrialSpec(distill_entry, job, ray.put(data), resources, str(run_dir / "train"))
     result = run_one(spec, "distill")
     with result.checkpoint.as_directory() as d:
         history = json.loads((Path(d) / "state.json").read_text())["history"]

@@ -217,6 +217,16 @@ def distill_entry(job: Any, data: Any, worker: Worker) -> Any:
         return distill(job, data, worker.report, resume_from=d, **kw)
 
 
+def distill_spec(cfg: Any, job: Any, data: Any, storage: str, largest: Any) -> TrialSpec:
+    """The spec of a stage's distillation trials (the search's, the final stage's): `job` and the
+    `DistillData` put in the object store once, resources sized for `cfg` (on a GPU from one
+    step of `largest`, the stage's most memory-hungry job), several-worker runs under `storage`."""
+    import ray
+
+    resources = trial_resources(cfg.resources, cfg.search.concurrency, probe=gpu_probe(largest, cfg.data.max_length))
+    return TrialSpec(distill_entry, job, ray.put(data), resources, storage, cfg.search.max_failures)
+
+
 # ----------------------------------------------------------------------------- resources
 
 #: Memory a CUDA process holds beyond its tensors (context, kernels, allocator slack).

@@ -85,17 +85,13 @@ def train_cases(cfg: RunConfig, job: Any, data: Any, cases: list[TrialConfig],
                 storage: str) -> list[tuple[TrialConfig, str]]:
     """Train every case as a Tune trial of the engine (Tune experiment and checkpoints under
     `storage`); returns `(case, last checkpoint path)` per case."""
-    import ray
     from ray import tune
 
     from kdray.cluster import storage_join
-    from kdray.engine import (TrialSpec, checkpoint_path, distill_entry, gpu_probe, progress_callback,
-                              trial_resources, tune_run_config, tune_trainable)
+    from kdray.engine import checkpoint_path, distill_spec, progress_callback, tune_run_config, tune_trainable
 
-    probe = gpu_probe(cases[0].job(job), cfg.data.max_length)  # every variant has the chosen shape
-    spec = TrialSpec(distill_entry, job, ray.put(data), trial_resources(cfg.resources, cfg.search.concurrency,
-                                                                         probe=probe),
-                     storage_join(storage, "train"), cfg.search.max_failures)
+    # Every variant has the chosen shape: the first case's student is the largest.
+    spec = distill_spec(cfg, job, data, storage_join(storage, "train"), largest=cases[0].job(job))
     progress = progress_callback(label=lambda t: TrialConfig.of_tune(t.config).label())
     tuner = tune.Tuner(
         tune_trainable(spec),

@@ -314,18 +314,25 @@ def predict_logits(model: nn.Module, split: Split | DeviceSplit, batch_size: int
 
 def evaluate(model: nn.Module, split: Split | DeviceSplit, job: DistillJob, device: torch.device, rank: int = 0,
              world_size: int = 1, prefix: str = "val") -> dict[str, float]:
-    """Loss, accuracy and macro-F1 over the whole split: each rank scores its share, then the
-    confusion matrix and loss sum are all-reduced (exact, unlike averaging per-rank metrics)."""
-    k = job.num_labels
+    """Loss, accuracy and macro-F1 over the whole split: each rank scores its share (rows
+    `rank::world_size`), then `score_logits` all-reduces them."""
     mine = np.arange(rank, len(split), world_size)
     logits = predict_logits(unwrap(model), split, job.train.eval_batch_size, job.pad_token_id, device, mine)
     labels = (split.host_labels if isinstance(split, DeviceSplit) else split.labels)[mine]
+    return score_logits(logits, labels, job.num_labels, device, world_size, prefix)
+
+
+def score_logits(logits: np.ndarray, labels: np.ndarray, k: int, device: torch.device, world_size: int = 1,
+                 prefix: str = "val") -> dict[str, float]:
+    """Loss, accuracy and macro-F1 of this rank's logits [N, K] against labels [N], the
+    confusion matrix and loss sum all-reduced across ranks (exact, unlike averaging per-rank
+    metrics). Every rank calls it."""
     confusion = torch.zeros(k * k + 2, dtype=torch.float64)
-    if len(mine):
+    if len(labels):
         lt = torch.from_numpy(logits)
         confusion[-2] = F.cross_entropy(lt, torch.from_numpy(labels), reduction="sum").item()
         np.add.at(confusion[: k * k].numpy(), labels * k + lt.argmax(-1).numpy(), 1)
-    confusion[-1] = len(mine)
+    confusion[-1] = len(labels)
     if world_size > 1:
         confusion = _all_reduce(confusion.to(device), world_size).cpu()
     cm = confusion[: k * k].numpy().reshape(k, k).astype(np.int64)

@@ -278,13 +278,11 @@ def run_search(cfg: RunConfig, task: Any, run: RunDir, n_layers: int, *, resume:
     """Teacher (cached), then the Tune search over `task` (the data stage's `TaskData`); writes
     trials.parquet and best_config.yaml. Ray must be running (`kdray.cluster.init_ray`);
     `wandb` is `wandb_callback`'s, made before Ray started (or None)."""
-    import ray
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
 
     from kdray.cluster import storage_join, storage_root, warn_if_storage_is_local
-    from kdray.engine import (TrialSpec, distill_entry, gpu_probe, progress_callback, trial_resources,
-                              tune_run_config, tune_trainable)
+    from kdray.engine import distill_spec, progress_callback, tune_run_config, tune_trainable
     from kdray.loop import distill_inputs
     from kdray.teacher import prepare_teacher
 
@@ -296,10 +294,8 @@ def run_search(cfg: RunConfig, task: Any, run: RunDir, n_layers: int, *, resume:
     storage = storage_root(cfg, run.root)
     teacher = prepare_teacher(cfg, task, storage_path=storage_join(storage, "train"))
     job, data = distill_inputs(cfg, task, teacher)
-    largest = dataclasses.replace(job, model=largest_student(cfg))
-    resources = trial_resources(cfg.resources, cfg.search.concurrency, probe=gpu_probe(largest, cfg.data.max_length))
-    spec = TrialSpec(distill_entry, job, ray.put(data), resources, storage_join(storage, "train"),
-                     cfg.search.max_failures)
+    spec = distill_spec(cfg, job, data, storage_join(storage, "train"),
+                        largest=dataclasses.replace(job, model=largest_student(cfg)))
     run.search.mkdir(parents=True, exist_ok=True)
     callbacks = [progress_callback()] + ([wandb] if wandb is not None else [])
     run_config = tune_run_config("search", storage, keep=2, max_failures=cfg.search.max_failures, callbacks=callbacks)

@@ -116,7 +116,7 @@ def teacher_entry(job: Any, data: Any, worker: Any) -> None:
     import torch.distributed as dist
 
     from kdray.engine import distill_entry
-    from kdray.loop import evaluate, predict_logits, write_logits
+    from kdray.loop import predict_logits, score_logits, write_logits
     from kdray.models import build_model
 
     rank, world, device = worker.rank, worker.world_size, worker.device
@@ -129,12 +129,13 @@ def teacher_entry(job: Any, data: Any, worker: Any) -> None:
         model = model.merge_and_unload()
     train_seconds = time.perf_counter() - t0
     t1 = time.perf_counter()
-    val = evaluate(model, data.validation, job, device, rank, world)
     parts = {}
     for split_name, split in (("train", data.train), ("validation", data.validation)):
         mine = np.arange(rank, len(split), world)
         progress = _progress(f"teacher logits ({split_name})") if rank == 0 else None
         logits = predict_logits(model, split, job.train.eval_batch_size, job.pad_token_id, device, mine, progress)
+        if split_name == "validation":  # the teacher's validation metrics, from the same logits
+            val = score_logits(logits, split.labels[mine], job.num_labels, device, world)
         shard = (split.example_ids[mine], logits)
         if world > 1:
             shards: list = [None] * world
