@@ -13,7 +13,8 @@ import argparse
 import dataclasses
 from dataclasses import dataclass
 
-from kdray.config import LoraChoice, RunConfig, StudentConfig, add_space_arguments, load_config
+from kdray.config import (LoraChoice, RunConfig, StudentConfig, add_space_arguments, help_epilog, load_config,
+                          origin_of)
 from kdray.errors import UserError, run_cli
 from kdray.models import build_student, count_trainable
 
@@ -62,8 +63,15 @@ def rank_limit(student: StudentConfig, num_labels: int, target_modules: list[str
 def smallest_feasible(cfg: RunConfig, num_labels: int) -> int:
     """The smallest trainable count any LoRA choice of the space can have (smallest rank)."""
     r = min(cfg.space.lora_r)
-    return min(rank_limit(cfg.student, num_labels, ts, cfg.student.lora.layers).at(r)
-               for ts in cfg.space.target_modules)
+    counts, problems = [], []
+    for ts in cfg.space.target_modules:
+        try:
+            counts.append(rank_limit(cfg.student, num_labels, ts, cfg.student.lora.layers).at(r))
+        except UserError as e:  # a module of this choice: name the space's field, not the student's
+            problems += [p.replace("student.lora.target_modules", f"space.target_modules {ts}") for p in e.problems]
+    if problems:
+        raise UserError(sorted(set(problems)), where=origin_of(cfg, "space.target_modules"))
+    return min(counts)
 
 
 def require_feasible(cfg: RunConfig, num_labels: int) -> None:
@@ -75,7 +83,7 @@ def require_feasible(cfg: RunConfig, num_labels: int) -> None:
         raise UserError(f"budget: {cfg.budget:,} trainable parameters is below the smallest feasible "
                         f"student of this space ({floor:,}: head {head_cost(cfg.student, num_labels):,} plus "
                         f"the cheapest LoRA choice). Fix: --budget {floor:.0f} or more, or a smaller "
-                        f"student/head.", where=cfg.source_file)
+                        f"student/head.", where=origin_of(cfg, "budget"))
 
 
 def num_labels_of(cfg: RunConfig) -> int:
@@ -93,13 +101,16 @@ def _describe_lora(lora: LoraChoice) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m kdray.budget", description=(
+    ap = argparse.ArgumentParser(prog="kdray budget", formatter_class=argparse.RawDescriptionHelpFormatter, epilog=help_epilog('kdray budget --budget 1e6', 'kdray budget --space imdb_cpu --set student.lora.r=16'), description=(
         "Print the exact trainable-parameter count of the configured student and the largest LoRA "
         "rank that fits the budget for each target-module set of the space."))
     add_space_arguments(ap, "student.lora.r=16")
     ap.add_argument("--budget", type=float, help="trainable-parameter budget (counts parameters, e.g. 1e6)")
     args = ap.parse_args(argv)
     cfg = load_config(args.space, args.overrides, budget=args.budget)
+    from kdray.sources import check_models
+
+    check_models(cfg)
     k = num_labels_of(cfg)
     s = cfg.student
     trainable = count(s, k)

@@ -13,6 +13,43 @@ import os
 from pathlib import Path
 from typing import Any
 
+from kdray.errors import UserError
+
+
+def cluster_address(address: str | None) -> tuple[str | None, str]:
+    """The cluster to join and where that came from: `--address`, else `$RAY_ADDRESS`, else
+    (None, "") for a local Ray."""
+    if address:
+        return address, "--address"
+    if os.environ.get("RAY_ADDRESS"):
+        return os.environ["RAY_ADDRESS"], "RAY_ADDRESS"
+    return None, ""
+
+
+def check_address(address: str | None, timeout_s: float = 5.0) -> None:
+    """A `UserError` unless something answers at the cluster address (`--address` or
+    `$RAY_ADDRESS`); checked before anything else starts. `ray.init` itself would retry an
+    unreachable address for minutes and then raise a raw traceback."""
+    import socket
+
+    target, source = cluster_address(address)
+    if target is None or target in ("auto", "local"):
+        return
+    scheme, _, rest = target.rpartition("://")
+    hostport = rest.split("/", 1)[0]
+    host, _, port = hostport.rpartition(":")
+    default_port = {"ray": 10001, "http": 8265, "https": 443}.get(scheme, 6379)
+    if not host:
+        host, port = hostport, ""
+    try:
+        with socket.create_connection((host, int(port) if port else default_port), timeout=timeout_s):
+            return
+    except (OSError, ValueError) as e:
+        why = "nothing answers there" if isinstance(e, ConnectionRefusedError) else str(e) or type(e).__name__
+        raise UserError(f"{source} {target}: cannot reach a Ray cluster there ({why}). Fix: check the address "
+                        f"(the head's HOST:6379, or ray://HOST:10001), start the cluster with `ray start --head`, "
+                        f"or drop --address and unset RAY_ADDRESS to start a local Ray.") from None
+
 
 def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
     """Start a local Ray (dashboard on 127.0.0.1) or join `address` / `$RAY_ADDRESS`."""
@@ -20,6 +57,7 @@ def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
 
     if ray.is_initialized():
         return
+    check_address(address)
     forwarded = ("WANDB_MODE", "WANDB_API_KEY", "WANDB_SILENT", "KDRAY_CACHE", "HF_HOME", "TRANSFORMERS_VERBOSITY",
                  "HF_HUB_DISABLE_PROGRESS_BARS")
     # Under `ray job submit` the job's own runtime env already reaches every worker, and Ray

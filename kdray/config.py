@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import os
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -23,6 +25,10 @@ from kdray.errors import UserError
 #: Shipped search spaces, addressable by name (`--space smoke`).
 SPACES_DIR = Path(__file__).resolve().parent / "search_spaces"
 DEFAULT_SPACE = "default"
+#: Run names: one path component that stays inside --output-dir.
+SAFE_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]{0,99}")
+#: Budgets above this are typos (`--budget 1e99`): no encoder kdray builds comes near it.
+MAX_BUDGET = 1e12
 
 FILE_FORMATS = ("csv", "tsv", "json", "jsonl", "parquet", "phrasebank")
 STUDENT_MODES = ("lora", "head", "full")
@@ -282,6 +288,19 @@ class RunConfig:
 # ----------------------------------------------------------------------------- loading
 
 
+def shipped_spaces() -> list[str]:
+    """Names of the spaces that ship with kdray (`--space NAME`)."""
+    return sorted(q.stem for q in SPACES_DIR.glob("*.yaml"))
+
+
+def help_epilog(*examples: str) -> str:
+    """The end of a command's `--help`: examples and the shipped spaces (use with
+    `formatter_class=argparse.RawDescriptionHelpFormatter`)."""
+    lines = ["examples:", *(f"  {e}" for e in examples), "",
+             f"shipped spaces (--space NAME): {', '.join(shipped_spaces())}"]
+    return "\n".join(lines)
+
+
 def add_space_arguments(parser: Any, set_example: str) -> None:
     """`--space` and `--set`, the same for every command that reads a search space."""
     parser.add_argument("--space", help="search-space YAML, or a shipped space's name (default: default)")
@@ -299,14 +318,17 @@ def resolve_space_path(space: str | os.PathLike | None) -> Path:
     shipped = SPACES_DIR / f"{space}.yaml"
     if p.suffix == "" and shipped.is_file():
         return shipped
-    names = sorted(q.stem for q in SPACES_DIR.glob("*.yaml"))
     raise UserError(f"--space {space}: no such file, and not a shipped space. Fix: give a YAML path "
-                    f"or one of: {', '.join(names)}.")
+                    f"or one of: {', '.join(shipped_spaces())}.")
 
 
 def load_config(space: str | os.PathLike | None = None, overrides: list[str] | None = None,
-                budget: float | None = None) -> RunConfig:
-    """Load a search-space YAML (path or shipped name), apply `key=value` overrides, validate."""
+                budget: float | None = None, flags: dict[str, tuple[Any, str]] | None = None) -> RunConfig:
+    """Load a search-space YAML (path or shipped name), apply `key=value` overrides, validate.
+
+    `flags` maps a field (`search.trials`) to the value a command-line flag gave it and the flag
+    as the user typed it (`--trials 0`): a problem with that field names the flag, not the file.
+    """
     path = resolve_space_path(space)
     try:
         raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
@@ -316,25 +338,71 @@ def load_config(space: str | os.PathLike | None = None, overrides: list[str] | N
         raise UserError("the top level must be a mapping of sections (data, teacher, student, ...).",
                         where=str(path))
     problems: list[str] = []
+    origin: dict[str, str] = {}  # field -> the flag that set it
     for item in overrides or []:
-        apply_override(raw, item, problems)
+        key = apply_override(raw, item, problems)
+        if key is not None:
+            origin[key] = f"--set {item}"
+    flags = dict(flags or {})
     if budget is not None:
-        raw["budget"] = budget
+        flags["budget"] = (budget, f"--budget {budget:g}")
+    for key, (value, label) in flags.items():
+        _set_field(raw, key.split("."), value)
+        origin[key] = label
     cfg = _build(RunConfig, raw, "", problems)
     cfg.source_file = str(path)
+    cfg.flag_origins = origin  # not a field: later checks name the flag (`origin_of`)
     problems += _check_values(cfg)  # fields that failed to parse keep their defaults here
     if problems:
-        raise UserError(problems, where=str(path))
+        raise _attributed(problems, origin, str(path))
     _absolutize_paths(cfg)
     return cfg
 
 
-def apply_override(raw: dict, item: str, problems: list[str]) -> None:
-    """Apply one `--set a.b.c=value` (value parsed as YAML) to the raw mapping."""
+def origin_of(cfg: Any, field_name: str) -> str:
+    """Where `field_name`'s value came from, for a later check's error: the flag that set it
+    (`--set student.keep_layers=[0,9]`), else the space file."""
+    for key, label in getattr(cfg, "flag_origins", {}).items():
+        if field_name == key or field_name.startswith(key + "."):
+            return label
+    return cfg.source_file
+
+
+def _attributed(problems: list[str], origin: dict[str, str], path: str) -> UserError:
+    """One error for all `problems`, each named by where its value came from: the flag that set
+    the field (`--set data.max_length=-1: ...`), else the file."""
+    def flag_of(problem: str) -> str | None:
+        if problem.startswith("--"):  # a malformed flag: the problem names it already
+            return ""
+        field_name = problem.split(":", 1)[0].split(" ", 1)[0]
+        for key, label in origin.items():
+            if field_name == key or field_name.startswith(key + "."):
+                return label
+        return None
+
+    labels = [flag_of(p) for p in problems]
+    if all(label is None for label in labels):
+        return UserError(problems, where=path)
+    return UserError([p if label == "" else f"{label} ({p})" if label else f"{p} (in {path})"
+                      for p, label in zip(problems, labels)])
+
+
+def _set_field(raw: dict, parts: list[str], value: Any) -> None:
+    node = raw
+    for part in parts[:-1]:
+        if not isinstance(node.get(part), dict):
+            node[part] = {}
+        node = node[part]
+    node[parts[-1]] = value
+
+
+def apply_override(raw: dict, item: str, problems: list[str]) -> str | None:
+    """Apply one `--set a.b.c=value` (value parsed as YAML) to the raw mapping; returns the
+    field it set (`a.b.c`), or None when `item` is malformed (a problem is added)."""
     key, sep, value = item.partition("=")
     if not sep or not key.strip():
         problems.append(f"--set {item!r}: expected key=value, e.g. --set data.max_length=64.")
-        return
+        return None
     parts = key.strip().split(".")
     node = raw
     for part in parts[:-1]:
@@ -343,9 +411,15 @@ def apply_override(raw: dict, item: str, problems: list[str]) -> None:
             child = node[part] = {}
         if not isinstance(child, dict):
             problems.append(f"--set {item!r}: {part} is not a section.")
-            return
+            return None
         node = child
-    node[parts[-1]] = yaml.safe_load(value) if value.strip() else None
+    try:
+        node[parts[-1]] = yaml.safe_load(value) if value.strip() else None
+    except yaml.YAMLError as e:
+        problems.append(f"--set {item!r}: the value is not valid YAML ({str(e).splitlines()[0]}). Fix: quote it, "
+                        f"e.g. --set 'data.text_columns=[review]'.")
+        return None
+    return key.strip()
 
 
 def to_dict(cfg: Any) -> dict:
@@ -411,7 +485,8 @@ def _build(cls: type, raw: Any, prefix: str, problems: list[str]) -> Any:
             continue
         ok, converted = _coerce(value, tp)
         if not ok:
-            problems.append(f"{prefix}{key}: {value!r} is not {_type_name(tp)}.")
+            finite = not (isinstance(value, float) and not math.isfinite(value))
+            problems.append(f"{prefix}{key}: {value!r} is not {_type_name(tp) if finite else 'a finite number'}.")
             continue
         kwargs[key] = converted
     obj = cls(**kwargs)
@@ -462,7 +537,8 @@ def _coerce(value: Any, tp: Any) -> tuple[bool, Any]:
                 value = float(value)
             except ValueError:
                 return False, None
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or value != int(value):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
+                or value != int(value):
             return False, None
         return True, int(value)
     if tp is float:
@@ -490,6 +566,9 @@ def _type_name(tp: Any) -> str:
 
 def _check_values(cfg: RunConfig) -> list[str]:
     p: list[str] = []
+    if not SAFE_NAME.fullmatch(cfg.name):
+        p.append(f"name: {cfg.name!r} is not a safe directory name: use letters, digits, '.', '_' and '-', not "
+                 f"starting with '.' or '-'. Fix: e.g. --name my-run.")
     d = cfg.data
     if d.train_file is None and d.source is None:
         p.append("data.source: no data given. Fix: set data.source (e.g. embedded:rotten_tomatoes) "
@@ -550,7 +629,11 @@ def _check_values(cfg: RunConfig) -> list[str]:
     if s.lora.layers is not None and not s.lora.layers:
         p.append("student.lora.layers: empty. Fix: list layers, or unset it for all layers.")
     if cfg.budget is not None and cfg.budget < 1:
-        p.append(f"budget: {cfg.budget} trainable parameters is not a budget. Fix: e.g. --budget 1e6.")
+        p.append(f"budget: {cfg.budget} trainable parameters is not a budget: it must be positive. "
+                 f"Fix: e.g. --budget 1e6.")
+    if cfg.budget is not None and cfg.budget > MAX_BUDGET:
+        p.append(f"budget: {cfg.budget:.3g} trainable parameters is more than any student kdray can build "
+                 f"(at most {MAX_BUDGET:.0e}). Fix: e.g. --budget 1e6.")
     sp = cfg.space
     for attr in ("alpha", "temperature", "learning_rate", "lora_dropout"):
         v = getattr(sp, attr)

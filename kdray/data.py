@@ -128,6 +128,9 @@ def _read(cfg: DataConfig) -> tuple[dict[str, pd.DataFrame], dict[str, str], lis
     if src.startswith("embedded:"):
         raise UserError(f"data.source: {src!r} is not an embedded dataset. Fix: use one of "
                         f"{', '.join(EMBEDDED_DATASETS)}, a local file or a hub name.")
+    if looks_like_path(src) and not Path(src).exists():
+        raise UserError(f"data.source: {src}: no such file. Fix: correct the path (relative paths are read from "
+                        f"the directory you run kdray in).")
     if Path(src).is_dir():  # a dataset saved in the hub's layout: datasets reads it like the hub
         return _read_hub(cfg)
     if looks_like_path(src):
@@ -157,12 +160,27 @@ def read_file(path: str, cfg: DataConfig) -> pd.DataFrame:
         if fmt == "phrasebank":
             return _parse_phrasebank(text, path)
         if fmt in ("csv", "tsv"):
-            return pd.read_csv(io.StringIO(text), sep="," if fmt == "csv" else "\t",
-                               header=0 if cfg.header else None, keep_default_na=False,
-                               na_values=[], dtype=object)
-        return pd.read_json(io.StringIO(text), lines=fmt == "jsonl", dtype=False)
-    except (ValueError, pd.errors.ParserError) as e:
+            df = pd.read_csv(io.StringIO(text), sep="," if fmt == "csv" else "\t",
+                             header=0 if cfg.header else None, keep_default_na=False,
+                             na_values=[], dtype=object)
+            _check_delimiter(df, text, fmt, path)
+        else:
+            df = pd.read_json(io.StringIO(text), lines=fmt == "jsonl", dtype=False)
+    except (ValueError, pd.errors.ParserError, pd.errors.EmptyDataError) as e:
         raise UserError(f"{path}: not valid {fmt} ({e}). Fix: check the file or set data.format.") from None
+    if not len(df):
+        raise UserError(f"{path}: no rows{' (only a header)' if len(df.columns) else ''}. Fix: add the labelled "
+                        f"examples, one per row, or point data.source at the full file.")
+    return df
+
+
+def _check_delimiter(df: pd.DataFrame, text: str, fmt: str, path: str) -> None:
+    """One column, and the header line holds the other format's delimiter: the extension lies."""
+    first = text.split("\n", 1)[0]
+    other, name, ext = ("\t", "tab", "tsv") if fmt == "csv" else (",", "comma", "csv")
+    if df.shape[1] == 1 and other in first:
+        raise UserError(f"{path}: read as {fmt} it has one column, but its first line is {name}-separated. "
+                        f"Fix: rename it to .{ext}, or set data.format: {ext}.")
 
 
 def _decode(p: Path, encoding: str | None, fallback: str | None) -> str:
@@ -212,14 +230,25 @@ def _read_embedded(source: str) -> pd.DataFrame:
 def _read_hub(cfg: DataConfig) -> tuple[dict[str, pd.DataFrame], dict[str, str], list[str] | None]:
     import datasets
 
+    from kdray.sources import hub_offline_reason
+
     preset = HUB_PRESETS.get(cfg.source)
     path = preset.path if preset else cfg.source
     config = cfg.hub_config or (preset.config if preset else None)
+    embedded = f"embedded:{cfg.source}"
+    hint = f" ({embedded} ships with kdray[embedded] and works offline)" if embedded in EMBEDDED_DATASETS else ""
+    offline = hub_offline_reason()
+    if offline is not None:
+        # Read the local datasets cache only: the hub client would retry for tens of seconds.
+        datasets.config.HF_HUB_OFFLINE = True
     try:
         dd = datasets.load_dataset(path, config)
     except Exception as e:  # the hub raises many types: not found, gated, offline
-        raise UserError(f"data.source: could not load hub dataset {cfg.source!r} ({type(e).__name__}: {e}). "
-                        f"Fix: check the name and your network, or point data.source at a local file.") from None
+        why = f"the hub cannot be reached ({offline}) and it is not in the local cache" if offline else \
+            f"{type(e).__name__}: {e}"
+        raise UserError(f"data.source: could not load hub dataset {cfg.source!r}: {why}. Fix: "
+                        f"{'use ' + embedded + hint if hint else 'check the name and your network'}, or point "
+                        f"data.source at a local file.") from None
     return from_hub_dataset(dd, cfg)
 
 

@@ -15,12 +15,12 @@ from pathlib import Path
 
 from kdray import metrics as M
 from kdray.cluster import add_cluster_arguments, init_ray, worker_overrides
-from kdray.config import add_space_arguments, load_config
+from kdray.config import add_space_arguments, help_epilog, load_config
 from kdray.errors import run_cli
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m kdray.distill", description=(
+    ap = argparse.ArgumentParser(prog="kdray distill", formatter_class=argparse.RawDescriptionHelpFormatter, epilog=help_epilog('kdray distill --space smoke', 'kdray distill --space default --set train.alpha=0.3 --set student.lora.r=8'), description=(
         "Run one distillation (one trial) of a search space's student on Ray and print its "
         "per-epoch metrics. The teacher stage runs first (cached)."))
     add_space_arguments(ap, "train.alpha=0.3")
@@ -28,6 +28,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--output-dir", default="runs", help="where runs/<name>/ goes (default: ./runs)")
     args = ap.parse_args(argv)
     cfg = load_config(args.space, args.overrides + worker_overrides(args))
+    from kdray.sources import check_models
+
+    check_models(cfg)
 
     import ray
 

@@ -34,11 +34,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
-from torch import nn
 
 from kdray import metrics as M
-from kdray.config import RunConfig
+from kdray.config import RunConfig, help_epilog
 from kdray.errors import UserError, run_cli
 from kdray.machine import device_name
 from kdray.rundir import RunDir
@@ -148,6 +146,7 @@ def weights_mb(model: nn.Module) -> float:
     as `torch.save` writes it."""
     import io
 
+    import torch
     from safetensors.torch import save
 
     state = model.state_dict()
@@ -183,6 +182,8 @@ def _rss_mb() -> tuple[float, bool]:
 
 def _memory_mark(device: torch.device) -> float:
     """Start a peak-memory window; returns the baseline (MB) that `_memory_peak` subtracts."""
+    import torch
+
     gc.collect()
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
@@ -197,13 +198,14 @@ def _memory_mark(device: torch.device) -> float:
 
 
 def _memory_peak(device: torch.device, base: float) -> tuple[float, str]:
+    import torch
+
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20 - base, "cuda_max_allocated"
     now, is_peak = _rss_mb()
     return now - base, "rss_peak_growth" if is_peak else "rss_growth"
 
 
-@torch.inference_mode()
 def benchmark(loaders: dict[str, tuple[Any, Any, int]], device: torch.device,
               cfg: RunConfig) -> tuple[dict[str, dict], dict[str, np.ndarray]]:
     """Benchmark every `name: (load, test split, pad id)` in this process on the same inputs.
@@ -215,6 +217,16 @@ def benchmark(loaders: dict[str, tuple[Any, Any, int]], device: torch.device,
     model in turn on each example, so slow drifts of the machine (other processes, clocks)
     hit every model alike rather than whichever ran during them.
     """
+    import torch
+
+    with torch.inference_mode():
+        return _benchmark(loaders, device, cfg)
+
+
+def _benchmark(loaders: dict[str, tuple[Any, Any, int]], device: torch.device,
+               cfg: RunConfig) -> tuple[dict[str, dict], dict[str, np.ndarray]]:
+    import torch
+
     from kdray.loop import DeviceSplit, model_inputs, predict_logits
 
     fc = cfg.final
@@ -381,6 +393,8 @@ def run_final(cfg: RunConfig, task: Any, run_dir: Path, *, seeds: int | None = N
     """Retrain, select on validation, save the merged student, score on test, benchmark.
 
     `run_dir` holds the search (`best_config.yaml`); Ray must be running (`kdray.cluster.init_ray`)."""
+    import torch
+
     import pyarrow as pa
     import pyarrow.parquet as pq
     import yaml
@@ -519,7 +533,7 @@ def load_run(run: str | Path) -> tuple[RunConfig, Path]:
 def main(argv: list[str] | None = None) -> int:
     from kdray.cluster import add_cluster_arguments, init_ray
 
-    ap = argparse.ArgumentParser(prog="python -m kdray.final", description=(
+    ap = argparse.ArgumentParser(prog="kdray final", formatter_class=argparse.RawDescriptionHelpFormatter, epilog=help_epilog('kdray final --run runs/default'), description=(
         "Rerun the final stage of a search: retrain the best configuration with several seeds and "
         "the no-KD and head-only baselines, save the merged student, benchmark everything against "
         "the teacher on the test split, and write results.json, report.md and plots/."))
@@ -534,7 +548,8 @@ def main(argv: list[str] | None = None) -> int:
         raise UserError(f"--seeds {args.seeds}: needs at least 1 seed.")
 
     from kdray.data import load_data
-    from kdray.report import wandb_mode_of, write_report
+    from kdray.report import write_report
+    from kdray.tracking import wandb_mode_of
 
     wandb_mode = wandb_mode_of(args.wandb)
     task = load_data(cfg.data)

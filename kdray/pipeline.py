@@ -10,22 +10,27 @@ reads what the one before wrote into the run directory (`kdray.rundir.RunDir`).
 from __future__ import annotations
 
 import argparse
+import shutil
+from pathlib import Path
 
 from kdray.cluster import add_cluster_arguments
-from kdray.config import add_space_arguments, load_config
+from kdray.config import add_space_arguments, help_epilog, load_config, origin_of
 from kdray.errors import UserError
 from kdray.rundir import RunDir
 
 
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="python -m kdray.search", description=(
+    ap = argparse.ArgumentParser(prog="kdray search", formatter_class=argparse.RawDescriptionHelpFormatter, epilog=help_epilog('kdray search --budget 1e6', 'kdray search --space smoke --no-final', 'kdray search --space imdb_cpu --budget 5e5 --trials 12 --name imdb', 'kdray search --budget 1e6 --set data.source=reviews.csv --set data.text_columns=[review] --set data.label_column=sentiment', 'python -m kdray.search --budget 1e6   (the same command)'), description=(
         "Search for the best distilled LoRA student within a trainable-parameter budget: Ray Tune + "
         "Optuna (TPE) + ASHA, each trial a distillation. Over-budget configurations never train."))
     ap.add_argument("--budget", type=float, help="trainable-parameter budget of the student, counted in parameters "
                     "(head included), e.g. 1e6; default: the space's `budget`")
     add_space_arguments(ap, "search.concurrency=1")
     ap.add_argument("--trials", type=int, help="number of trials that train (overrides search.trials)")
-    ap.add_argument("--name", help="run name: the directory <output-dir>/<name>/ and the wandb group")
+    ap.add_argument("--name", help="run name: the directory <output-dir>/<name>/ and the wandb group (default: "
+                    "the space's name; when that run exists, the next free <name>-2, <name>-3, ...)")
+    ap.add_argument("--overwrite", action="store_true", help="replace the run of this --name if it exists "
+                    "(its directory is deleted once every input is checked)")
     ap.add_argument("--output-dir", default="runs", help="parent of the run directory (default: ./runs)")
     ap.add_argument("--storage-path", help="where Ray writes the Tune experiment and trial checkpoints on a "
                     "cluster: s3://BUCKET/PREFIX or a path every node mounts (default: the run directory)")
@@ -42,40 +47,43 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    overrides = list(args.overrides)
+    flags = {}
     if args.trials is not None:
-        overrides.append(f"search.trials={args.trials}")
+        flags["search.trials"] = (args.trials, f"--trials {args.trials}")
     if args.name is not None:
-        overrides.append(f"name={args.name}")
+        flags["name"] = (args.name, f"--name {args.name}")
     if args.storage_path is not None:
-        overrides.append(f"storage_path={args.storage_path}")
-    cfg = load_config(args.space, overrides, budget=args.budget)
+        flags["storage_path"] = (args.storage_path, f"--storage-path {args.storage_path}")
+    cfg = load_config(args.space, args.overrides, budget=args.budget, flags=flags)
     if cfg.budget is None:
         raise UserError("no budget. Fix: --budget 1e6 (trainable parameters), or `budget:` in the space.",
                         where=cfg.source_file)
     if cfg.student.mode != "lora":
         raise UserError(f"student.mode: the search tunes LoRA students, not {cfg.student.mode!r}. Fix: mode: lora.",
-                        where=cfg.source_file)
-    from kdray.report import wandb_mode_of
+                        where=origin_of(cfg, "student.mode"))
+    from kdray.cluster import check_address
+    from kdray.sources import check_models
+    from kdray.tracking import wandb_mode_of, wandb_sync_hint
 
     wandb_mode = wandb_mode_of(args.wandb)
-    run = RunDir.of(args.output_dir, cfg.name)
-    if args.resume and not run.optuna_db.is_file():
-        raise UserError(f"--resume: no search to resume in {run.search}. Fix: drop --resume, or pass the "
-                        f"--name/--output-dir/--storage-path of the killed run.")
-    if not args.resume and run.search.exists():
-        raise UserError(f"{run.search} already holds a search. Fix: --resume to continue it, or --name NEW.")
+    run = choose_run(args, cfg)
     if args.export is not None and args.no_final:
         raise UserError("--export copies the report, which --no-final does not make. Fix: drop one of them.")
+    check_models(cfg)
+    check_address(args.address)
 
+    from kdray.data import load_data
+
+    task = load_data(cfg.data)  # bad data exits 2 here, before torch, Ray or Tune is imported
     from kdray.budget import require_feasible
     from kdray.cluster import init_ray
-    from kdray.data import load_data
     from kdray.models import encoder_count
     from kdray.study import describe, run_search, summarize, wandb_callback
 
-    task = load_data(cfg.data)  # bad data exits 2 here, before Ray starts
     require_feasible(cfg, task.num_labels)
+    if args.overwrite and run.root.exists():
+        print(f"--overwrite: deleting the earlier run {run.root}")
+        shutil.rmtree(run.root)
     n_layers = encoder_count(cfg.student, task.num_labels)
     describe(cfg, task.num_labels, n_layers)
     # Before Ray starts: the logging actor takes WANDB_MODE from the environment Ray forwards.
@@ -83,8 +91,10 @@ def main(argv: list[str] | None = None) -> int:
     init_ray(args.address)
     result = run_search(cfg, task, run, n_layers, resume=args.resume, wandb=wandb)
     summarize(result, cfg)
+    if wandb_mode == "offline":
+        print(wandb_sync_hint(run.wandb))
     if args.no_final:
-        print(f"final stage skipped (--no-final); run it with: python -m kdray.final --run {run.root}")
+        print(f"final stage skipped (--no-final); run it with: kdray final --run {run.root}")
         return 0
     if result.best is None:
         raise RuntimeError("no trial reported a validation accuracy: nothing for the final stage to retrain")
@@ -94,7 +104,34 @@ def main(argv: list[str] | None = None) -> int:
     run_final(cfg, task, run.root)
     write_report(run.root, wandb_mode=wandb_mode)
     if args.export is not None:
-        from pathlib import Path
-
         export(run.root, Path(args.export))
     return 0
+
+
+def choose_run(args: argparse.Namespace, cfg) -> RunDir:
+    """The run directory of this search, checked: `--output-dir` must be a directory (or not
+    exist yet). Without `--name` a run that exists gets a fresh name (`<name>-2`, ...; `cfg.name`
+    follows); a `--name` that exists needs `--resume` or `--overwrite`."""
+    out = Path(args.output_dir)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--output-dir {args.output_dir}: exists and is not a directory. Fix: pass a directory "
+                        f"(it is created if missing), e.g. --output-dir runs.")
+    run = RunDir.of(out, cfg.name)
+    if args.resume:
+        if args.overwrite:
+            raise UserError("--resume continues a run and --overwrite deletes it. Fix: drop one of them.")
+        if not run.optuna_db.is_file():
+            raise UserError(f"--resume: no search to resume in {run.search}. Fix: drop --resume, or pass the "
+                            f"--name/--output-dir/--storage-path of the killed run.")
+        return run
+    if not run.root.exists() or args.overwrite:
+        return run
+    if args.name is not None:
+        raise UserError(f"--name {args.name}: {run.root} already holds a run. Fix: --resume to continue it, "
+                        f"--overwrite to replace it, or another --name.")
+    n = 2
+    while RunDir.of(out, f"{cfg.name}-{n}").root.exists():
+        n += 1
+    cfg.name = f"{cfg.name}-{n}"
+    print(f"run name: {cfg.name} ({run.root} already holds a run; --name NAME picks one, --resume continues it)")
+    return RunDir.of(out, cfg.name)

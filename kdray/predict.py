@@ -14,6 +14,7 @@ import json
 import sys
 from pathlib import Path
 
+from kdray.config import help_epilog
 from kdray.errors import UserError, run_cli
 
 TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "vocab.json", "tokenizer_config.json", "spiece.model")
@@ -66,7 +67,7 @@ def read_texts(args: argparse.Namespace) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m kdray.predict", description=(
+    ap = argparse.ArgumentParser(prog="kdray predict", formatter_class=argparse.RawDescriptionHelpFormatter, epilog=help_epilog('kdray predict --model runs/default/final/student "a gorgeous, witty film" "flat and dull"', 'kdray predict --model runs/default/final/student --file texts.txt'), description=(
         "Classify texts with a saved kdray student (or any Hugging Face text classifier directory): "
         "prints label, probability and text per line."))
     ap.add_argument("--model", required=True, help="model directory, e.g. runs/<name>/final/student")

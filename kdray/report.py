@@ -23,7 +23,9 @@ import numpy as np
 import yaml
 
 from kdray import metrics as M
+from kdray.config import help_epilog
 from kdray.errors import UserError, run_cli
+from kdray.tracking import wandb_mode_of, wandb_target
 
 SCHEMA_PATH = Path(__file__).resolve().parent / "results.schema.json"
 SCHEMA_ID = "kdray-results/1"
@@ -34,11 +36,6 @@ PLOTS = {
     "confusion": "test confusion matrices, teacher and student",
     "latency_size": "latency at batch 1 and size, every benchmarked model",
 }
-
-
-def wandb_mode_of(arg: str | None) -> str:
-    """`--wandb` as given, else online with `WANDB_API_KEY` set, else offline."""
-    return arg or ("online" if os.environ.get("WANDB_API_KEY") else "offline")
 
 
 # ----------------------------------------------------------------------------- results.json
@@ -520,7 +517,7 @@ def log_wandb(run_dir: Path, results: dict[str, Any], mode: str) -> str | None:
     import wandb
 
     name = results["run"]["name"]
-    run = wandb.init(project="kdray", group=name, name=f"{name}-final", job_type="final", dir=str(run_dir),
+    run = wandb.init(**wandb_target(), group=name, name=f"{name}-final", job_type="final", dir=str(run_dir),
                      mode=mode, config={"budget": results["run"]["budget"], "best": results["search"]["best"],
                                         "seeds": results["final"]["seeds"]}, reinit="finish_previous")
     columns = ["model", "trainable_params", "total_params", "size_mb", "test_accuracy", "test_accuracy_std",
@@ -579,7 +576,7 @@ def export(run_dir: Path, dest: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m kdray.report", description=(
+    ap = argparse.ArgumentParser(prog="kdray report", formatter_class=argparse.RawDescriptionHelpFormatter, epilog=help_epilog('kdray report --run runs/default'), description=(
         "Rebuild results.json, report.md and plots/ of a run whose final stage has run (trains nothing)."))
     ap.add_argument("--run", required=True, help="run directory (runs/<name>/)")
     ap.add_argument("--wandb", choices=["online", "offline", "disabled"],

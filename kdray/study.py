@@ -256,7 +256,9 @@ def wandb_callback(mode: str, cfg: RunConfig, run: RunDir) -> Any:
     run.wandb.mkdir(parents=True, exist_ok=True)
     # upload_timeout: the default 1800 s would hold Ctrl-C for half an hour (RAY_NOTES.md).
     # Checkpoints stay out of wandb (upload_checkpoints is off): they live under search/.
-    return NonBlockingWandbLogger(project="kdray", group=cfg.name, upload_timeout=60, dir=str(run.root),
+    from kdray.tracking import wandb_target
+
+    return NonBlockingWandbLogger(**wandb_target(), group=cfg.name, upload_timeout=60, dir=str(run.root),
                                   excludes=["feasible", NODE_ID])
 
 

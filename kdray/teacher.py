@@ -28,7 +28,7 @@ import numpy as np
 from kdray import metrics as M
 from kdray.cache import cache_root, cached_dir, fingerprint
 from kdray.cluster import add_cluster_arguments, worker_overrides
-from kdray.config import RunConfig, add_space_arguments, load_config, to_dict
+from kdray.config import RunConfig, add_space_arguments, help_epilog, load_config, to_dict
 from kdray.data import TaskData, tokenizer_identity, load_data, tokenize
 from kdray.errors import run_cli
 
@@ -173,13 +173,16 @@ def _progress(what: str):
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m kdray.teacher", description=(
+    ap = argparse.ArgumentParser(prog="kdray teacher", formatter_class=argparse.RawDescriptionHelpFormatter, epilog=help_epilog('kdray teacher --space default', 'kdray teacher --space smoke --set teacher.train.epochs=1'), description=(
         "Fine-tune the teacher of a search space on Ray Train (or find it in the cache), evaluate it "
         "on validation and compute its logits on train and validation once."))
     add_space_arguments(ap, "teacher.train.epochs=1")
     add_cluster_arguments(ap)
     args = ap.parse_args(argv)
     cfg = load_config(args.space, args.overrides + worker_overrides(args))
+    from kdray.sources import check_models
+
+    check_models(cfg)
     t0 = time.perf_counter()
     task = load_data(cfg.data)
     print(f"data: {task.description}")

@@ -1,4 +1,4 @@
-"""Shared fixtures: tiny random models (2 layers, hidden 32), a private cache, the shared data."""
+"""Shared fixtures: tiny random models (2 layers, hidden 32), a private cache, a Ray cluster."""
 
 from __future__ import annotations
 
@@ -12,9 +12,6 @@ os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("WANDB_MODE", "offline")
 
 ROOT = Path(__file__).resolve().parents[1]
-#: ../shared beside the checkout (CI clones the repo with shared/ beside it).
-SHARED = Path(os.environ.get("KDRAY_SHARED", ROOT.parent / "shared"))
-FPB_DIR = SHARED / "data" / "financial_phrasebank"
 
 TINY = {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2, "intermediate_size": 64}
 TINY_CONFIGS = {
@@ -29,13 +26,6 @@ TINY_CONFIGS = {
 def private_cache(tmp_path_factory, monkeypatch):
     """Every test session writes its cache entries into a temporary directory."""
     monkeypatch.setenv("KDRAY_CACHE", str(tmp_path_factory.getbasetemp() / "kdray-cache"))
-
-
-@pytest.fixture
-def fpb_dir() -> Path:
-    if not FPB_DIR.is_dir():
-        pytest.fail(f"Financial PhraseBank files not found at {FPB_DIR}: set KDRAY_SHARED to the shared/ folder.")
-    return FPB_DIR
 
 
 @pytest.fixture(scope="session")

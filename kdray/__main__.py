@@ -1,0 +1,6 @@
+"""`python -m kdray <command>`: the same as the `kdray` console script."""
+
+from kdray.cli import entry
+
+if __name__ == "__main__":
+    entry()

@@ -1,0 +1,159 @@
+"""Every user mistake is caught before anything expensive: one row per bad input.
+
+Each row runs the real command (`python -m kdray ...`) in a fresh directory and checks:
+exit status 2, the words the message must contain (what is wrong, where, the fix), and that
+nothing was written: no run directory, no cache entry, no Ray session (`RAY_TMPDIR` stays
+absent, so Ray never started). Flag and config mistakes must also be fast: their time to the
+error is measured, not asserted: `python -m pytest tests/test_bad_input.py --durations=0` prints
+each row's time (README).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+GOOD_CSV = "review,sentiment\n" + "".join(f"text number {i},{'pos' if i % 2 else 'neg'}\n" for i in range(40))
+
+
+@dataclass
+class Case:
+    id: str
+    args: list[str]
+    words: list[str]
+    """Words the message must contain (case-insensitive)."""
+    files: dict[str, str] = field(default_factory=dict)
+    """Files to write in the working directory first: name -> text."""
+    env: dict[str, str] = field(default_factory=dict)
+    code: int = 2
+
+
+SEARCH = ["search", "--space", "smoke"]
+CSV = ["--set", "data.source=reviews.csv", "--set", "data.text_columns=[review]",
+       "--set", "data.label_column=sentiment"]
+
+CASES = [
+    # --- flags
+    Case("budget-nan", [*SEARCH, "--budget", "nan"], ["--budget", "finite"]),
+    Case("budget-inf", [*SEARCH, "--budget", "inf"], ["--budget", "finite"]),
+    Case("budget-huge", [*SEARCH, "--budget", "1e99"], ["--budget", "1e+99", "fix"]),
+    Case("budget-negative", [*SEARCH, "--budget", "-5"], ["budget", "positive"]),
+    Case("budget-zero", [*SEARCH, "--budget", "0"], ["budget", "positive"]),
+    Case("budget-word", [*SEARCH, "--budget", "lots"], ["--budget", "lots"]),
+    Case("budget-too-small", [*SEARCH, "--budget", "10"], ["budget", "head"]),
+    Case("trials-zero", [*SEARCH, "--trials", "0"], ["--trials", "at least 1"]),
+    Case("trials-negative", [*SEARCH, "--trials", "-3"], ["--trials", "at least 1"]),
+    Case("unknown-space", ["search", "--space", "nosuch"], ["--space nosuch", "smoke", "default"]),
+    Case("unknown-command", ["serch"], ["serch", "search"]),
+    Case("unknown-flag", [*SEARCH, "--budgett", "1e6"], ["--budgett"]),
+    Case("name-escapes", [*SEARCH, "--name", "../../x"], ["--name", "../../x", "fix"]),
+    Case("name-slash", [*SEARCH, "--name", "a/b"], ["--name", "a/b"]),
+    Case("output-dir-is-file", [*SEARCH, "--output-dir", "afile"], ["--output-dir", "afile", "not a directory"],
+         files={"afile": "x"}),
+    Case("resume-nothing", [*SEARCH, "--resume"], ["--resume", "no search"]),
+    Case("export-no-final", [*SEARCH, "--no-final", "--export", "out"], ["--export", "--no-final"]),
+    Case("wandb-online-no-key", [*SEARCH, "--wandb", "online"], ["--wandb online", "WANDB_API_KEY"],
+         env={"WANDB_API_KEY": "", "WANDB_MODE": "", "NETRC": "/nonexistent/netrc", "HOME": "home"}),
+    Case("address-unreachable", [*SEARCH, "--address", "127.0.0.1:9"], ["--address", "127.0.0.1:9", "reach"]),
+    Case("ray-address-stale", SEARCH, ["RAY_ADDRESS", "127.0.0.1:9", "reach"], env={"RAY_ADDRESS": "127.0.0.1:9"}),
+    # --- --set and the config
+    Case("set-no-equals", [*SEARCH, "--set", "data.max_length"], ["--set", "key=value"]),
+    Case("set-unknown-field", [*SEARCH, "--set", "data.max_lenght=64"], ["--set", "max_lenght", "max_length"]),
+    Case("set-bad-type", [*SEARCH, "--set", "data.max_length=abc"], ["--set data.max_length", "integer"]),
+    Case("set-negative-length", [*SEARCH, "--set", "data.max_length=-1"], ["--set data.max_length"]),
+    Case("set-bad-lr", [*SEARCH, "--set", "train.learning_rate=-1"], ["--set train.learning_rate"]),
+    Case("set-concurrency-zero", [*SEARCH, "--set", "search.concurrency=0"], ["--set search.concurrency"]),
+    Case("set-device", [*SEARCH, "--set", "resources.device=tpu"], ["resources.device", "auto"]),
+    Case("set-alpha-range", [*SEARCH, "--set", "space.alpha=[0.9,0.1]"], ["space.alpha"]),
+    Case("set-empty-ranks", [*SEARCH, "--set", "space.lora_r=[]"], ["space.lora_r"]),
+    Case("space-module-typo", [*SEARCH, "--set", "space.target_modules=[[q,vv]]"], ["space.target_modules", "vv"]),
+    Case("student-full", [*SEARCH, "--set", "student.mode=full"], ["student.mode", "lora"]),
+    Case("keep-layers-range", [*SEARCH, "--set", "student.keep_layers=[0,9]"], ["keep_layers", "9"]),
+    Case("yaml-syntax", ["search", "--space", "bad.yaml"], ["bad.yaml", "yaml"], files={"bad.yaml": "data: [1, 2\n"}),
+    Case("yaml-not-mapping", ["search", "--space", "list.yaml"], ["list.yaml", "mapping"],
+         files={"list.yaml": "- a\n- b\n"}),
+    Case("yaml-unknown-section", ["search", "--space", "s.yaml", "--budget", "1e6"], ["s.yaml", "dataa"],
+         files={"s.yaml": "dataa: {max_length: 32}\n"}),
+    # --- data
+    Case("data-missing-file", [*SEARCH, "--set", "data.source=nothere.csv"], ["data.source", "nothere.csv"]),
+    Case("data-header-only", [*SEARCH, *CSV], ["reviews.csv", "no rows"], files={"reviews.csv": "review,sentiment\n"}),
+    Case("data-no-label-column", [*SEARCH, *CSV[:4], "--set", "data.label_column=stars"], ["stars", "sentiment"],
+         files={"reviews.csv": GOOD_CSV}),
+    Case("data-no-text-column", [*SEARCH, "--set", "data.source=reviews.csv", "--set", "data.text_columns=[body]",
+                                 "--set", "data.label_column=sentiment"], ["body", "review"],
+         files={"reviews.csv": GOOD_CSV}),
+    Case("data-one-label", [*SEARCH, *CSV], ["reviews.csv", "label"],
+         files={"reviews.csv": "review,sentiment\n" + "".join(f"t {i},pos\n" for i in range(40))}),
+    Case("data-tsv-commas", [*SEARCH, "--set", "data.source=reviews.tsv", "--set", "data.text_columns=[review]",
+                             "--set", "data.label_column=sentiment"], ["reviews.tsv", "comma"],
+         files={"reviews.tsv": GOOD_CSV}),
+    Case("data-hub-name-without-embedded", [*SEARCH, "--set", "data.source=rotten_tomatoes"],
+         ["rotten_tomatoes", "embedded:rotten_tomatoes"], env={"HF_HUB_OFFLINE": "1"}),
+    Case("data-encoding", [*SEARCH, *CSV, "--set", "data.encoding=nosuchcodec"], ["data.encoding", "nosuchcodec"],
+         files={"reviews.csv": GOOD_CSV}),
+    Case("data-zero-samples", [*SEARCH, "--set", "data.max_train_samples=0"], ["data.max_train_samples"]),
+    # --- models
+    Case("student-missing-dir", ["search", "--set", "student.name=./no-model"], ["student.name", "no-model"]),
+    Case("teacher-missing-dir", ["search", "--set", "teacher.name=./no-model"], ["teacher.name", "no-model"]),
+    Case("student-hub-offline", ["search", "--set", "student.name=someone/some-model"],
+         ["student.name", "someone/some-model", "HF_HUB_OFFLINE"], env={"HF_HUB_OFFLINE": "1"}),
+    Case("budget-hub-offline", ["budget", "--space", "sst2"], ["sst2", "HF_HUB_OFFLINE"], env={"HF_HUB_OFFLINE": "1"}),
+    # --- the other commands
+    Case("final-missing-run", ["final", "--run", "nothere"], ["--run", "nothere"]),
+    Case("final-malformed-run", ["final", "--run", "junk"], ["--run", "junk", "config.yaml"],
+         files={"junk/notes.txt": "x"}),
+    Case("report-missing-run", ["report", "--run", "nothere"], ["--run", "nothere"]),
+    Case("predict-missing-model", ["predict", "--model", "nothere", "hi"], ["--model", "nothere"]),
+]
+
+
+def _tree(root: Path) -> set[str]:
+    return {str(p.relative_to(root)) for p in root.rglob("*")}
+
+
+def run_case(case: Case, cwd: Path) -> tuple[subprocess.CompletedProcess, bool]:
+    """Run `case` in `cwd`; returns the process and whether Ray started (its temp dir appeared)."""
+    for name, text in case.files.items():
+        (cwd / name).parent.mkdir(parents=True, exist_ok=True)
+        (cwd / name).write_text(text)
+    (cwd / "home").mkdir(exist_ok=True)
+    # Ray's socket paths must stay under 107 bytes: a short temp dir of its own.
+    ray_tmp = Path(tempfile.mkdtemp(prefix="kdr", dir="/tmp"))
+    try:
+        env = {**os.environ, "KDRAY_CACHE": str(cwd / "cache"), "RAY_TMPDIR": str(ray_tmp / "r"),
+               "PYTHONPATH": str(ROOT), **case.env}
+        if "RAY_ADDRESS" not in case.env:
+            env.pop("RAY_ADDRESS", None)
+        env = {k: v for k, v in env.items() if v != ""}
+        proc = subprocess.run([sys.executable, "-m", "kdray", *case.args], cwd=cwd, env=env, capture_output=True,
+                              text=True, timeout=120)
+        return proc, (ray_tmp / "r").exists()
+    finally:
+        shutil.rmtree(ray_tmp, ignore_errors=True)
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
+def test_bad_input_exits_2_with_a_clear_message_and_writes_nothing(case: Case, tmp_path):
+    before = _tree(tmp_path) | {str(Path(n)) for n in case.files} | {"home"}
+    before |= {str(p) for n in case.files for p in Path(n).parents if str(p) != "."}
+    proc, ray_started = run_case(case, tmp_path)
+    message = proc.stderr + proc.stdout
+    assert not ray_started, f"Ray started before the error was found:\n{message[-3000:]}"
+    assert proc.returncode == case.code, f"exit {proc.returncode}, wanted {case.code}:\n{message[-3000:]}"
+    assert "Traceback" not in message, message[-3000:]
+    for word in case.words:
+        assert word.lower() in message.lower(), f"{word!r} not in the message:\n{message[-3000:]}"
+    assert _tree(tmp_path) == before, f"written: {sorted(_tree(tmp_path) - before)}"
+
+
+def test_the_table_is_large_enough():
+    assert len(CASES) >= 40 and len({c.id for c in CASES}) == len(CASES)
