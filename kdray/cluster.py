@@ -58,8 +58,10 @@ def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
     if ray.is_initialized():
         return
     check_address(address)
+    from kdray.console import VERBOSE_ENV, ray_init_options
+
     forwarded = ("WANDB_MODE", "WANDB_API_KEY", "WANDB_SILENT", "KDRAY_CACHE", "HF_HOME", "TRANSFORMERS_VERBOSITY",
-                 "HF_HUB_DISABLE_PROGRESS_BARS")
+                 "HF_HUB_DISABLE_PROGRESS_BARS", "HF_DATASETS_DISABLE_PROGRESS_BARS", VERBOSE_ENV)
     # Under `ray job submit` the job's own runtime env already reaches every worker, and Ray
     # refuses a driver runtime env that sets one of its variables again.
     job_env = json.loads(os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR", "{}")).get("runtime_env", {}) or {}
@@ -67,10 +69,10 @@ def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
     runtime_env = {"env_vars": env} if env else None
     address = address or os.environ.get("RAY_ADDRESS")
     if address:
-        ray.init(address=address, runtime_env=runtime_env, log_to_driver=True)
+        ray.init(address=address, runtime_env=runtime_env, **ray_init_options())
     else:
         ray.init(num_cpus=num_cpus, include_dashboard=True, dashboard_host="127.0.0.1",
-                 runtime_env=runtime_env, log_to_driver=True)
+                 runtime_env=runtime_env, **ray_init_options())
 
 
 def add_cluster_arguments(parser: Any, workers: bool = True) -> None:

@@ -176,7 +176,7 @@ class StudentConfig(TrainableModelConfig):
 @dataclass
 class TeacherConfig(TrainableModelConfig):
     mode: str = "full"
-    """`full` fine-tune, or `lora` for large teachers (seed 004)."""
+    """`full` fine-tune, or `lora` for large teachers."""
     fine_tuned: bool = False
     """The model is already fine-tuned on this task: evaluate it and compute its logits only."""
     train: TrainConfig = field(default_factory=lambda: TrainConfig(epochs=2, learning_rate=5e-5, alpha=1.0))
@@ -330,13 +330,7 @@ def load_config(space: str | os.PathLike | None = None, overrides: list[str] | N
     as the user typed it (`--trials 0`): a problem with that field names the flag, not the file.
     """
     path = resolve_space_path(space)
-    try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    except (yaml.YAMLError, UnicodeDecodeError) as e:
-        raise UserError(f"not valid YAML: {e}. Fix: correct the file's syntax.", where=str(path)) from None
-    if not isinstance(raw, dict):
-        raise UserError("the top level must be a mapping of sections (data, teacher, student, ...).",
-                        where=str(path))
+    raw = read_space(path)
     problems: list[str] = []
     origin: dict[str, str] = {}  # field -> the flag that set it
     for item in overrides or []:
@@ -357,6 +351,44 @@ def load_config(space: str | os.PathLike | None = None, overrides: list[str] | N
         raise _attributed(problems, origin, str(path))
     _absolutize_paths(cfg)
     return cfg
+
+
+#: What a `best_config.yaml` says about its trial beside the knobs: facts, not settings, so a
+#: space built on it (it names its run's config.yaml as `base`) skips them.
+TRIAL_FACTS = ("trial_id", "best_val_accuracy", "trainable_params")
+
+
+def read_space(path: Path, seen: tuple[Path, ...] = ()) -> dict:
+    """A space file as raw data, with its `base:` (a shipped space's name or a path relative to
+    the file) read first and this file's sections merged over it, the way `--set` changes it."""
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
+        raise UserError(f"not valid YAML: {e}. Fix: correct the file's syntax.", where=str(path)) from None
+    if not isinstance(raw, dict):
+        raise UserError("the top level must be a mapping of sections (data, teacher, student, ...).",
+                        where=str(path))
+    base = raw.pop("base", None)
+    if base is None:
+        return raw
+    for key in TRIAL_FACTS:
+        raw.pop(key, None)
+    relative = path.parent / str(base)
+    try:
+        base_path = relative.resolve() if relative.is_file() else resolve_space_path(str(base))
+    except UserError:
+        raise UserError(f"base: {base}: no such file next to this one, and not a shipped space. Fix: a path "
+                        f"relative to this file, or one of: {', '.join(shipped_spaces())}.", where=str(path)) from None
+    if base_path in seen or base_path == path.resolve():
+        raise UserError(f"base: {base} leads back to this file. Fix: break the cycle.", where=str(path))
+    return _merged(read_space(base_path, (*seen, path.resolve())), raw)
+
+
+def _merged(base: dict, changes: dict) -> dict:
+    out = dict(base)
+    for k, v in changes.items():
+        out[k] = _merged(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
 
 
 def origin_of(cfg: Any, field_name: str) -> str:

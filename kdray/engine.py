@@ -362,7 +362,7 @@ def run_one(spec: TrialSpec, name: str) -> Any:
     from ray import tune
 
     run_config = tune_run_config(f"{name}-{uuid.uuid4().hex[:8]}", spec.storage, keep=1,
-                                 max_failures=spec.max_failures)
+                                 max_failures=spec.max_failures, callbacks=[epoch_lines(name.split("-")[0])])
     (result,) = tune.Tuner(tune_trainable(spec), run_config=run_config).fit()
     if result.error is not None:
         raise result.error
@@ -381,12 +381,17 @@ def checkpoint_path(result: Any) -> str | None:
     return (result.metrics or {}).get("checkpoint_path")
 
 
-def progress_callback(label: Callable[[Any], str] | None = None) -> Any:
+def progress_callback(label: Callable[[Any], str] | None = None, *, total: int | None = None,
+                      concurrency: int = 1) -> Any:
     """One concise line per trial epoch and per finished trial; `label(trial)` names a trial in
-    the first column (default: its id).
+    the first column (default: its id). When a trial ends, a status line: trials done, running
+    and pending out of `total`, the best validation accuracy so far, elapsed time and an ETA
+    (the finished trials' mean wall time over the pending and running work, `concurrency` at once).
 
     Lines are printed at the end of Tune's step, after it has taken its experiment snapshot
     (whose copy to the storage path may still be under way: RAY_NOTES.md)."""
+    import time
+
     from ray.tune import Callback
 
     label = label or (lambda trial: trial.trial_id)
@@ -395,6 +400,10 @@ def progress_callback(label: Callable[[Any], str] | None = None) -> Any:
         def __init__(self) -> None:
             self.header = False
             self.pending: list[str] = []
+            self.t0 = time.monotonic()
+            self.started: dict[str, float] = {}
+            self.walls: list[float] = []
+            self.best: tuple[float, str] | None = None
 
         def _line(self, trial: Any, result: dict, status: str) -> None:
             if not self.header:
@@ -404,26 +413,50 @@ def progress_callback(label: Callable[[Any], str] | None = None) -> Any:
             c = TrialConfig.of_tune(trial.config)
             head = c.mode != "lora"
             acc = result.get(M.VAL_ACCURACY)
+            if acc is not None and (self.best is None or acc > self.best[0]):
+                self.best = (acc, label(trial))
             self.pending.append(
                 f"{label(trial):<16} {c.alpha:>5.2f} {c.temperature:>5.2f} {'-' if head else c.lora.r:>3} "
                 f"{'all' if head else c.layers_text:<12} {c.trainable_params:>9,} "
                 f"{result.get(M.EPOCHS_DONE, 0):>5} {acc if acc is None else f'{acc:.4f}':>7}  {status}")
+
+        def _ended(self, trials: list) -> None:
+            now = time.monotonic()
+            done = sum(t.status in ("TERMINATED", "ERROR") for t in trials)
+            running = [t for t in trials if t.status == "RUNNING"]
+            n = total if total is not None else len(trials)
+            line = f"-- {done}/{n} trials done, {len(running)} running, {max(0, n - done - len(running))} pending"
+            if self.best is not None:
+                line += f"; best val acc {self.best[0]:.4f} ({self.best[1]})"
+            line += f"; {_minutes(now - self.t0)} elapsed"
+            if self.walls and done < n:
+                mean = sum(self.walls) / len(self.walls)
+                left = mean * (n - done) - sum(now - self.started.get(t.trial_id, now) for t in running)
+                line += f", about {_minutes(max(0.0, left) / max(1, concurrency))} to go"
+            self.pending.append(line)
 
         def _flush(self) -> None:
             if self.pending:
                 print("\n".join(self.pending), flush=True)
                 self.pending.clear()
 
+        def on_trial_start(self, iteration, trials, trial, **info):
+            self.started[trial.trial_id] = time.monotonic()
+
         def on_trial_result(self, iteration, trials, trial, result, **info):
-            self._line(trial, result, "running")
+            if result.get(M.EPOCHS_DONE, 0) < TrialConfig.of_tune(trial.config).epochs:  # else: its end line
+                self._line(trial, result, "running")
 
         def on_trial_complete(self, iteration, trials, trial, **info):
             result = trial.last_result or {}
             done = result.get(M.EPOCHS_DONE, 0) >= TrialConfig.of_tune(trial.config).epochs
             self._line(trial, result, "completed" if done else "stopped early")
+            self.walls.append(time.monotonic() - self.started.get(trial.trial_id, self.t0))
+            self._ended(trials)
 
         def on_trial_error(self, iteration, trials, trial, **info):
             self._line(trial, trial.last_result or {}, "failed")
+            self._ended(trials)
 
         def on_step_end(self, iteration, trials, **info):
             self._flush()
@@ -432,3 +465,34 @@ def progress_callback(label: Callable[[Any], str] | None = None) -> Any:
             self._flush()
 
     return Progress()
+
+
+def epoch_lines(prefix: str, every_s: float = 10.0) -> Any:
+    """A line per epoch of a single-trial run (the teacher stage), printed by the driver (the
+    trial's own output stays in its process unless --verbose); at most one per `every_s`
+    seconds, so a long teacher shows progress and a quick one only its closing line."""
+    import time
+
+    from ray.tune import Callback
+
+    class EpochLines(Callback):
+        def __init__(self) -> None:
+            self.last = time.monotonic()
+
+        def on_trial_result(self, iteration, trials, trial, result, **info):
+            if M.EPOCH_SECONDS not in result:  # the closing report (logits), not an epoch
+                return
+            if time.monotonic() - self.last < every_s:
+                return
+            self.last = time.monotonic()
+            acc = result.get(M.VAL_ACCURACY)
+            print(f"{prefix}: epoch {result.get(M.EPOCHS_DONE, '?')}: val acc "
+                  f"{'-' if acc is None else f'{acc:.4f}'}, {result.get(M.SAMPLES_PER_S, 0):,.0f} samples/s, "
+                  f"{result.get(M.EPOCH_SECONDS, 0):.0f}s", flush=True)
+
+    return EpochLines()
+
+
+def _minutes(seconds: float) -> str:
+    m, s = divmod(int(round(seconds)), 60)
+    return f"{m}m{s:02d}s" if m else f"{s}s"

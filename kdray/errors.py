@@ -41,6 +41,9 @@ def run_cli(main: Callable[[list[str] | None], int | None], argv: list[str] | No
 
         logging.set_verbosity_error()
         logging.disable_progress_bar()
+    from kdray.console import configure
+
+    configure("--verbose" in (sys.argv[1:] if argv is None else argv))
     try:
         code = main(argv)
     except UserError as e:

@@ -3,8 +3,8 @@ seeds' baselines, and hand over a deployable student.
 
 1. The best configuration (validation only) is retrained with `final.seeds` seeds, beside the
    two baselines of the seeds with the same budget, data, alpha, T, learning rate and epochs:
-   the same LoRA student without KD (`alpha=1`, seed 001's comparison) and the frozen-encoder,
-   head-only student (seed 003's). They are Tune trials of the search's own trainable, so they
+   the same LoRA student without KD (`alpha=1`) and the frozen-encoder,
+   head-only student. They are Tune trials of the search's own trainable, so they
    run `final.seeds x 3` at `search.concurrency` through the trial engine.
 2. The seed with the best validation accuracy is kept; its LoRA weights are merged
    (`merge_and_unload`) and the student is saved with its tokenizer and label names under
@@ -13,7 +13,7 @@ seeds' baselines, and hand over a deployable student.
 3. The test split is read here, once. Every model is scored on it; the teacher, the merged and
    unmerged student and the baselines are benchmarked one after another in this process on the
    same inputs (latency at batch 1, throughput at batch 32, peak memory, size).
-4. Error analysis of the student's test mistakes (seed 003): short/long, negation, true->predicted.
+4. Error analysis of the student's test mistakes: short/long, negation, true->predicted.
 
 `final/final.json` holds every measurement and `final/predictions.parquet` the test predictions;
 `kdray.report` turns them into `results.json`, `report.md` and `plots/`.
@@ -90,7 +90,8 @@ def train_cases(cfg: RunConfig, job: Any, data: Any, cases: list[TrialConfig],
 
     # Every variant has the chosen shape: the first case's student is the largest.
     spec = distill_spec(cfg, job, data, storage_join(storage, "train"), largest=cases[0].job(job))
-    progress = progress_callback(label=lambda t: TrialConfig.of_tune(t.config).label())
+    progress = progress_callback(label=lambda t: TrialConfig.of_tune(t.config).label(), total=len(cases),
+                                 concurrency=cfg.search.concurrency)
     tuner = tune.Tuner(
         tune_trainable(spec),
         param_space={"trial": tune.grid_search([case.to_tune() for case in cases])},

@@ -38,6 +38,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_cluster_arguments(ap, workers=False)
     ap.add_argument("--wandb", choices=["online", "offline", "disabled"],
                     help="wandb mode (default: online with WANDB_API_KEY set, else offline)")
+    ap.add_argument("--verbose", action="store_true", help="also print Ray's, Tune's, the trial processes' and "
+                    "Optuna's own output (default: kdray's progress only)")
     ap.add_argument("--no-final", action="store_true",
                     help="stop after the search (later: python -m kdray.final --run runs/<name>)")
     ap.add_argument("--export", metavar="DIR", help="also copy the report (report.md, results.json, plots/) to DIR, "
@@ -86,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
         shutil.rmtree(run.root)
     n_layers = encoder_count(cfg.student, task.num_labels)
     describe(cfg, task.num_labels, n_layers)
-    # Before Ray starts: the logging actor takes WANDB_MODE from the environment Ray forwards.
+    # Before Ray starts: WANDB_MODE is set for this process and the ones Ray starts.
     wandb = wandb_callback(wandb_mode, cfg, run)
     init_ray(args.address)
     result = run_search(cfg, task, run, n_layers, resume=args.resume, wandb=wandb)

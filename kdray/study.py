@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import time
+import warnings
 from typing import Any
 
 import optuna
@@ -67,16 +68,21 @@ class BudgetedSpace:
             feasible = n <= self.budget
         # Feasible when <= 0: trainable parameters over budget (an empty layer set counts as over).
         trial.set_constraint("budget", float(n - self.budget) if n else 1.0)
+        trial.set_user_attr(M.TRAINABLE_PARAMS, n)
         if not feasible:
             trial.set_user_attr(REJECTED_ATTR, True)
         return {M.TRAINABLE_PARAMS: n, "feasible": feasible}
 
 
 class BudgetedOptunaSearch(OptunaSearch):
-    """OptunaSearch that never hands Tune an over-budget configuration.
+    """OptunaSearch that never hands Tune an over-budget configuration, and tells the study what
+    happened the way Optuna users read it (optuna-dashboard):
 
-    An infeasible sample is told to the study at once (worst value; its constraint is already
-    set, so TPE learns the region is infeasible) and replaced by a new one.
+    - an infeasible sample is told at once as PRUNED, with its constraint (> 0) and parameter
+      count set: TPE ranks it among the infeasible (its constraint counts), it is never a 0.0
+      result, and it is replaced by a new sample;
+    - a trial ASHA stopped is PRUNED, its per-epoch validation accuracies its intermediate
+      values; a trial that ran all its epochs is COMPLETE with its last value.
     """
 
     max_rejections = 200
@@ -86,9 +92,28 @@ class BudgetedOptunaSearch(OptunaSearch):
             config = super().suggest(trial_id)
             if config is None or config.get("feasible", True):
                 return config
-            self._ot_study.tell(self._ot_trials.pop(trial_id), 0.0)
+            self._ot_study.tell(self._ot_trials.pop(trial_id), state=optuna.trial.TrialState.PRUNED)
         raise RuntimeError(f"{self.max_rejections} samples in a row were over the budget: narrow the "
                            f"space (smaller ranks, fewer modules or layers).")
+
+    def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
+        ot_trial = self._ot_trials.get(trial_id)
+        stopped = (ot_trial is not None and not error and result is not None
+                   and result.get(M.EPOCHS_DONE, 0) < int(ot_trial.params.get("epochs", 0)))
+        if not stopped or trial_id in self._completed_trials:
+            super().on_trial_complete(trial_id, result, error)
+            return
+        try:
+            # Tune skips the searcher for the result ASHA stopped on: it becomes the last
+            # intermediate value here (Optuna ignores a step reported twice, with a warning).
+            if result.get(self.metric) is not None:
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")
+                    ot_trial.report(result[self.metric], result.get("training_iteration", 0))
+            self._ot_study.tell(ot_trial, state=optuna.trial.TrialState.PRUNED)
+        except optuna.exceptions.UpdateFinishedTrialError:
+            pass  # after --resume the study may have closed it already
+        self._completed_trials.add(trial_id)
 
     def on_trial_result(self, trial_id: str, result: dict) -> None:
         try:
@@ -178,7 +203,9 @@ def best_config(rows: list[dict], cfg: RunConfig) -> dict | None:
     if not scored:
         return None
     b = max(scored, key=lambda r: (r["best_val_accuracy"], -r[M.TRAINABLE_PARAMS]))
-    return {"trial_id": b["trial_id"], "best_val_accuracy": b["best_val_accuracy"],
+    # `base`: the file is also a space, the run's config with the winner's knobs
+    # (`kdray distill --space runs/<name>/best_config.yaml` retrains it alone).
+    return {"base": "config.yaml", "trial_id": b["trial_id"], "best_val_accuracy": b["best_val_accuracy"],
             M.TRAINABLE_PARAMS: b[M.TRAINABLE_PARAMS], "budget": cfg.budget, **TrialConfig.from_row(b).to_yaml()}
 
 
@@ -222,44 +249,16 @@ def describe(cfg: RunConfig, num_labels: int, n_layers: int) -> None:
 
 
 def wandb_callback(mode: str, cfg: RunConfig, run: RunDir) -> Any:
-    """One wandb run per trial, grouped by run name (None when disabled). Call before Ray
-    starts: the logging actor takes WANDB_MODE from the environment Ray forwards."""
+    """One wandb run per trial, grouped by run name, logged from the driver
+    (`kdray.tracking.trial_logger`); None when disabled."""
     if mode == "disabled":
         return None
     os.environ["WANDB_MODE"] = mode
     os.environ.setdefault("WANDB_SILENT", "true")
-    from ray.air.integrations.wandb import WandbLoggerCallback
-
-    class NonBlockingWandbLogger(WandbLoggerCallback):
-        """Ray's wandb logger hands every result to a per-trial queue actor and waits for the
-        hand-over (`Queue.put` is a `ray.get` on an actor call; the first one waits for the new
-        actor's process to start). Tune's loop stalled 1.5-2.8 s per result on an H100 that
-        way. Here the hand-over is sent and not waited for: one caller's calls to one actor
-        run in order, so the results and the closing END still reach wandb in order."""
-
-        def _put(self, trial: Any, item: Any) -> None:
-            self._trial_queues[trial].actor.put.remote(item, None)
-
-        def log_trial_result(self, iteration: int, trial: Any, result: dict) -> None:
-            from ray.air.integrations.wandb import _clean_log, _QueueItem
-
-            if trial not in self._trial_logging_actors:
-                self.log_trial_start(trial)
-            self._put(trial, (_QueueItem.RESULT, _clean_log(result, video_kwargs=self.video_kwargs,
-                                                              image_kwargs=self.image_kwargs)))
-
-        def _signal_logging_actor_stop(self, trial: Any) -> None:
-            from ray.air.integrations.wandb import _QueueItem
-
-            self._put(trial, (_QueueItem.END, None))
+    from kdray.tracking import trial_logger
 
     run.wandb.mkdir(parents=True, exist_ok=True)
-    # upload_timeout: the default 1800 s would hold Ctrl-C for half an hour (RAY_NOTES.md).
-    # Checkpoints stay out of wandb (upload_checkpoints is off): they live under search/.
-    from kdray.tracking import wandb_target
-
-    return NonBlockingWandbLogger(**wandb_target(), group=cfg.name, upload_timeout=60, dir=str(run.root),
-                                  excludes=["feasible", NODE_ID])
+    return trial_logger(cfg.name, run.root, exclude=("feasible", NODE_ID))
 
 
 @dataclasses.dataclass
@@ -288,6 +287,9 @@ def run_search(cfg: RunConfig, task: Any, run: RunDir, n_layers: int, *, resume:
     from kdray.loop import distill_inputs
     from kdray.teacher import prepare_teacher
 
+    from kdray.console import quiet_optuna
+
+    quiet_optuna()
     t0 = time.perf_counter()
     print(f"data: {task.description}")
     run.root.mkdir(parents=True, exist_ok=True)
@@ -299,7 +301,7 @@ def run_search(cfg: RunConfig, task: Any, run: RunDir, n_layers: int, *, resume:
     spec = distill_spec(cfg, job, data, storage_join(storage, "train"),
                         largest=dataclasses.replace(job, model=largest_student(cfg)))
     run.search.mkdir(parents=True, exist_ok=True)
-    callbacks = [progress_callback()] + ([wandb] if wandb is not None else [])
+    callbacks = [progress_callback(total=cfg.search.trials, concurrency=cfg.search.concurrency)] + ([wandb] if wandb is not None else [])
     run_config = tune_run_config("search", storage, keep=2, max_failures=cfg.search.max_failures, callbacks=callbacks)
     if resume:
         tuner = tune.Tuner.restore(storage_join(storage, "search"), trainable=tune_trainable(spec),

@@ -40,18 +40,33 @@ def ray_cluster():
     ray.shutdown()
 
 
-@pytest.fixture(scope="session")
-def smoke_run(ray_cluster, tmp_path_factory) -> Path:
-    """One end-to-end smoke run (search + final stage + report), shared by the tests that read it:
-    6 trials, 2 at a time on the 2-CPU cluster, wandb offline. A wide learning-rate range makes
-    some trials fall behind at the first rung, so ASHA stops them."""
-    from kdray.pipeline import main
+SMOKE_ARGS = ["search", "--space", "smoke", "--trials", "6", "--wandb", "offline",
+              "--set", "space.learning_rate=[0.01, 0.3]", "--set", "search.concurrency=2"]
 
-    os.environ["KDRAY_CACHE"] = str(tmp_path_factory.getbasetemp() / "kdray-cache")
+
+@pytest.fixture(scope="session")
+def smoke_console(ray_cluster, tmp_path_factory) -> tuple[Path, str]:
+    """One end-to-end smoke run (search + final stage + report) as a user runs it: the `kdray`
+    command in its own process, joining the session's cluster with --address (so no second
+    Ray starts). 6 trials, 2 at a time, wandb offline; a wide learning-rate range makes some
+    trials fall behind at the first rung, so ASHA stops them. Returns (run dir, console)."""
+    import subprocess
+    import sys
+
     out = tmp_path_factory.mktemp("smoke-run")
-    main(["--space", "smoke", "--trials", "6", "--output-dir", str(out), "--wandb", "offline",
-          "--set", "space.learning_rate=[0.01, 0.3]", "--set", "search.concurrency=2"])
-    return out / "smoke"
+    env = {**os.environ, "KDRAY_CACHE": str(tmp_path_factory.getbasetemp() / "kdray-cache"), "PYTHONPATH": str(ROOT)}
+    address = ray_cluster.get_runtime_context().gcs_address
+    proc = subprocess.run([sys.executable, "-m", "kdray", *SMOKE_ARGS, "--output-dir", str(out), "--address", address],
+                          cwd=out, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=900)
+    console = proc.stdout
+    assert proc.returncode == 0, console[-5000:]
+    return out / "smoke", console
+
+
+@pytest.fixture(scope="session")
+def smoke_run(smoke_console) -> Path:
+    """The run directory of the session's smoke run (`smoke_console`)."""
+    return smoke_console[0]
 
 
 def pytest_collection_modifyitems(config, items):

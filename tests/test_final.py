@@ -43,7 +43,12 @@ def test_final_stage_writes_every_file_and_a_valid_results_json(smoke_run):
 
     report = (run / "report.md").read_text()
     for name in PLOTS:
-        assert f"](plots/{name}.png)" in report
+        if name in results["plots_skipped"]:  # the report says why instead of showing a placeholder
+            assert f"not computed ({results['plots_skipped'][name]})" in report
+        else:
+            assert f"](plots/{name}.png)" in report
+    # 6 trials are too few for fANOVA to rank 10 knobs: the report says so rather than draw noise.
+    assert "importances need at least 10" in results["plots_skipped"].get("importances", "")
     assert "| teacher |" in report and "| head_only |" in report and "## Error analysis" in report
 
     # The final wandb run is in the search's group and holds the comparison table and the plots.
@@ -264,9 +269,9 @@ def test_claims_hold_or_not_from_the_numbers():
                 "kd_vs_no_kd": pair(kd), "lora_vs_head_only": pair(lora)}
 
     ref = {"reference": "FinBERT", "reference_accuracy": 0.97}
-    holds = [c["holds"] for c in claims(compare(1.9, 1.6, 0.5, 10.0), 900, 1000, ref, 0.95, 0.93)]
+    holds = [c["holds"] for c in claims(compare(1.9, 1.6, 0.9, 10.0), 900, 1000, ref, 0.95, 0.93)]
     assert holds == [True, True, True, True, True, None]  # SE of the differences: sqrt(2 * 0.25 / 3) = 0.41
-    holds = [c["holds"] for c in claims(compare(2.1, 1.4, 0.3, -1.0), 1001, 1000, {}, 0.95, 0.93)]
-    assert holds == [False, False, False, False, False]  # +0.3 pt is within one SE: not shown
+    holds = [c["holds"] for c in claims(compare(2.1, 1.4, 0.6, -1.0), 1001, 1000, {}, 0.95, 0.93)]
+    assert holds == [False, False, False, False, False]  # +0.6 pt is 1.5 SE: under 2, not shown
     last = claims(compare(1.0, 2.0, 1.0, 1.0), 10, 1000, ref, 0.95, 0.93)[-1]
     assert last["claim"] == "reference: FinBERT" and last["measured"] == "teacher 95.0%, student 93.0% (-4.0 pt)"

@@ -65,8 +65,21 @@ def test_smoke_search_with_concurrency_two_on_two_cpus(ray_cluster, smoke_run):
     assert any(r["status"] == "stopped early" for r in rows), rows
     best = yaml.safe_load((run / "best_config.yaml").read_text())
     assert best["best_val_accuracy"] == max(r["best_val_accuracy"] for r in rows)
+    # The study reads as Optuna users expect: trials ASHA stopped are PRUNED (with their
+    # per-epoch values), those that ran all epochs COMPLETE, rejected samples never COMPLETE,
+    # and every trial carries its trainable-parameter count.
     study = optuna.load_study(study_name="smoke", storage=f"sqlite:///{run / 'search' / 'optuna.db'}")
-    assert sum(t.state == optuna.trial.TrialState.COMPLETE for t in study.trials) >= 6
+    State = optuna.trial.TrialState
+    trained = [t for t in study.trials if not t.user_attrs.get(REJECTED_ATTR)]
+    rejected = [t for t in study.trials if t.user_attrs.get(REJECTED_ATTR)]
+    assert len(trained) == len(rows)
+    assert sum(t.state == State.PRUNED for t in trained) == sum(r["status"] == "stopped early" for r in rows) >= 1
+    assert sum(t.state == State.COMPLETE for t in trained) == sum(r["status"] == "completed" for r in rows)
+    assert all(t.intermediate_values for t in trained if t.state == State.PRUNED)
+    assert all(t.state == State.PRUNED and t.values is None for t in rejected)
+    assert sorted(t.user_attrs[M.TRAINABLE_PARAMS] for t in trained) == sorted(r[M.TRAINABLE_PARAMS] for r in rows)
+    assert all(t.user_attrs[M.TRAINABLE_PARAMS] > budget or not t.params.get("layer_0", True) or
+               not t.params.get("layer_1", True) for t in rejected)
 
     # wandb offline: one run directory per trial (plus the final stage's), the searched knobs and
     # trainable_params in its config.
@@ -80,6 +93,21 @@ def test_smoke_search_with_concurrency_two_on_two_cpus(ray_cluster, smoke_run):
             assert knob in values, (d, knob)
         row = by_trial[d.name.rsplit("-", 1)[1]]  # offline-run-<time>-<trial id>
         assert values[M.TRAINABLE_PARAMS] == row[M.TRAINABLE_PARAMS] and values["alpha"] == row["alpha"]
+
+
+def test_console_is_kdrays_progress_only(smoke_console):
+    """Without --verbose a whole run (teacher, 6 trials, final stage, report) prints kdray's own
+    lines: no traceback, none of Ray's, Tune's or the trial processes' chatter, at most ~60."""
+    _, console = smoke_console
+    lines = console.splitlines()
+    assert len(lines) <= 60, console
+    for noise in ("Traceback", "core_worker", "(run_trial pid", "Configuration for experiment", " INFO ",
+                  "WARNING", "tensorboard", "it/s]", "examples/s]"):
+        assert noise not in console, (noise, console)
+    done = [line for line in lines if line.startswith("-- ") and "trials done" in line]
+    assert done and "best val acc" in done[-1]
+    assert any("to go" in line for line in done)
+    assert "wandb sync" in console and "report:" in console
 
 
 def test_kill_after_first_completed_trial_then_resume_and_finish(ray_cluster, tmp_path):
