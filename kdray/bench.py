@@ -6,13 +6,13 @@
     python -m kdray.bench search   [--quick]
 
 `step`: samples/s of one KD training step with cached teacher logits vs the online teacher
-(teacher forward per batch, the seeds' way), on the same batches, in one process, and the
+(teacher forward per batch, the usual way), on the same batches, in one process, and the
 padding efficiency (real / padded tokens) with and without length grouping.
 `infer`: teacher vs merged vs unmerged student vs a plain model of the student's shape (and
 int8 dynamic quantisation on CPU): latency p50/p95 at batch 1, throughput at batch 32.
 `overhead`: per-trial fixed cost (trial wall time minus time in the training loop) and the
 share of the search's wall time the trial slots were busy, from a finished run.
-`search`: kdray vs the seeds' way of searching (Hugging Face `Trainer.hyperparameter_search`
+`search`: kdray vs the usual way of searching (Hugging Face `Trainer.hyperparameter_search`
 with Optuna and a KD `Trainer` that runs the teacher per batch), same data, space, trials and
 epochs, one after the other on this machine.
 
@@ -382,7 +382,7 @@ def _best_so_far(points: list[tuple[float, float]]) -> list[tuple[float, float]]
 
 
 def run_peer(cfg: Any, task: Any, teacher: Any, n_layers: int, trials: int, out_dir: Path) -> dict:
-    """The seeds' way: HF Trainer + Optuna, KD loss with the teacher run on every batch."""
+    """The usual way: HF Trainer + Optuna, KD loss with the teacher run on every batch."""
     import warnings
 
     import datasets
@@ -512,7 +512,7 @@ TABLE_START, TABLE_END = "<!-- bench-table -->", "<!-- /bench-table -->"
 
 def readme_table(results_dir: Path) -> str:
     """The README's performance table, from the JSON files the bench commands wrote."""
-    rows = ["| what | kdray | the seeds' way / reference | ratio | command |", "|---|---|---|---|---|"]
+    rows = ["| what | kdray | the usual way / reference | ratio | command |", "|---|---|---|---|---|"]
 
     def load(name: str) -> dict | None:
         p = results_dir / f"{name}.json"

@@ -141,7 +141,7 @@ class TrainConfig:
     """Batch examples of similar length together (less padding), shuffled per epoch."""
     teacher_logits: str = "cached"
     """`cached`: read the teacher's logits computed once per (teacher, data); `online`: run the
-    teacher forward on every batch (the seeds' way, kept for benchmarks and equivalence)."""
+    teacher forward on every batch (the usual way, kept for benchmarks and equivalence)."""
 
 
 @dataclass

@@ -404,6 +404,7 @@ def progress_callback(label: Callable[[Any], str] | None = None, *, total: int |
             self.started: dict[str, float] = {}
             self.walls: list[float] = []
             self.best: tuple[float, str] | None = None
+            self.recovering: set[str] = set()
 
         def _line(self, trial: Any, result: dict, status: str) -> None:
             if not self.header:
@@ -443,7 +444,14 @@ def progress_callback(label: Callable[[Any], str] | None = None, *, total: int |
         def on_trial_start(self, iteration, trials, trial, **info):
             self.started[trial.trial_id] = time.monotonic()
 
+        def on_trial_recover(self, iteration, trials, trial, **info):
+            self.recovering.add(trial.trial_id)
+
         def on_trial_result(self, iteration, trials, trial, result, **info):
+            if trial.trial_id in self.recovering:  # its first epoch after a retry: where it went on from
+                self.recovering.discard(trial.trial_id)
+                self.pending.append(f"{label(trial)}: retried after a failure (its node or process died); resumed "
+                                    f"after epoch {result.get(M.EPOCHS_DONE, 1) - 1} from its checkpoint")
             if result.get(M.EPOCHS_DONE, 0) < TrialConfig.of_tune(trial.config).epochs:  # else: its end line
                 self._line(trial, result, "running")
 

@@ -220,7 +220,7 @@ def cached_teacher(batch: dict[str, torch.Tensor]) -> torch.Tensor:
 
 
 class OnlineTeacher:
-    """The seeds' way: run the frozen teacher forward on every batch."""
+    """The usual way: run the frozen teacher forward on every batch."""
 
     def __init__(self, model: nn.Module):
         self.model = model.eval().requires_grad_(False)
