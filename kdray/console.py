@@ -32,8 +32,10 @@ def configure(verbose_flag: bool = False) -> None:
     if "datasets" in sys.modules:
         sys.modules["datasets"].disable_progress_bars()
     logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
-    logging.getLogger("ray.tune").setLevel(logging.WARNING)
-    logging.getLogger("ray.train").setLevel(logging.WARNING)
+    # Tune's and Train's warnings are about their own bookkeeping (e.g. a snapshot copy that
+    # raced the experiment's end, with a traceback); a failed trial reaches kdray as an error.
+    logging.getLogger("ray.tune").setLevel(logging.ERROR)
+    logging.getLogger("ray.train").setLevel(logging.ERROR)
     warnings.filterwarnings("ignore", message=r"Argument ``group`` is an experimental feature")
 
 
