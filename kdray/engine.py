@@ -405,6 +405,7 @@ def progress_callback(label: Callable[[Any], str] | None = None, *, total: int |
             self.walls: list[float] = []
             self.best: tuple[float, str] | None = None
             self.recovering: set[str] = set()
+            self.ended: set[str] = set()
 
         def _line(self, trial: Any, result: dict, status: str) -> None:
             if not self.header:
@@ -421,10 +422,12 @@ def progress_callback(label: Callable[[Any], str] | None = None, *, total: int |
                 f"{'all' if head else c.layers_text:<12} {c.trainable_params:>9,} "
                 f"{result.get(M.EPOCHS_DONE, 0):>5} {acc if acc is None else f'{acc:.4f}':>7}  {status}")
 
-        def _ended(self, trials: list) -> None:
+        def _ended(self, trial: Any, trials: list) -> None:
+            # Tune marks `trial` TERMINATED only after its callbacks ran: count it here.
+            self.ended.add(trial.trial_id)
             now = time.monotonic()
-            done = sum(t.status in ("TERMINATED", "ERROR") for t in trials)
-            running = [t for t in trials if t.status == "RUNNING"]
+            done = len(self.ended | {t.trial_id for t in trials if t.status in ("TERMINATED", "ERROR")})
+            running = [t for t in trials if t.status == "RUNNING" and t.trial_id not in self.ended]
             n = total if total is not None else len(trials)
             line = f"-- {done}/{n} trials done, {len(running)} running, {max(0, n - done - len(running))} pending"
             if self.best is not None:
@@ -460,11 +463,11 @@ def progress_callback(label: Callable[[Any], str] | None = None, *, total: int |
             done = result.get(M.EPOCHS_DONE, 0) >= TrialConfig.of_tune(trial.config).epochs
             self._line(trial, result, "completed" if done else "stopped early")
             self.walls.append(time.monotonic() - self.started.get(trial.trial_id, self.t0))
-            self._ended(trials)
+            self._ended(trial, trials)
 
         def on_trial_error(self, iteration, trials, trial, **info):
             self._line(trial, trial.last_result or {}, "failed")
-            self._ended(trials)
+            self._ended(trial, trials)
 
         def on_step_end(self, iteration, trials, **info):
             self._flush()
