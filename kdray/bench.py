@@ -581,10 +581,20 @@ def write_readme_table(readme: Path, results_dir: Path) -> bool:
     return new != text
 
 
+#: What `--help` shows as examples.
+EXAMPLES = (
+    'kdray bench step',
+    'kdray bench search --quick',
+    'kdray bench overhead --run runs/default',
+)
+
+
 def main(argv: list[str] | None = None) -> int:
     from kdray.config import add_space_arguments, help_epilog
 
-    ap = argparse.ArgumentParser(prog="kdray bench", formatter_class=argparse.RawDescriptionHelpFormatter, epilog=help_epilog('kdray bench step', 'kdray bench search --quick', 'kdray bench overhead --run runs/default'), description="kdray benchmarks: print numbers, write JSON.")
+    ap = argparse.ArgumentParser(
+        prog="kdray bench", formatter_class=argparse.RawDescriptionHelpFormatter, epilog=help_epilog(*EXAMPLES),
+        description="kdray benchmarks: print numbers, write JSON.")
     ap.add_argument("--output-dir", default=str(RESULTS_DIR), help="where the JSON goes (default bench/results)")
     sub = ap.add_subparsers(dest="which", required=True)
     device = "cuda" if torch.cuda.is_available() else "cpu"

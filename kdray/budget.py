@@ -100,8 +100,17 @@ def _describe_lora(lora: LoraChoice) -> str:
     return f"r={lora.r}, alpha={lora.alpha:g}, targets {','.join(lora.target_modules)}, layers {layers}"
 
 
+#: What `--help` shows as examples.
+EXAMPLES = (
+    'kdray budget --budget 1e6',
+    'kdray budget --space imdb_cpu --set student.lora.r=16',
+)
+
+
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="kdray budget", formatter_class=argparse.RawDescriptionHelpFormatter, epilog=help_epilog('kdray budget --budget 1e6', 'kdray budget --space imdb_cpu --set student.lora.r=16'), description=(
+    ap = argparse.ArgumentParser(
+        prog="kdray budget", formatter_class=argparse.RawDescriptionHelpFormatter, epilog=help_epilog(*EXAMPLES),
+        description=(
         "Print the exact trainable-parameter count of the configured student and the largest LoRA "
         "rank that fits the budget for each target-module set of the space."))
     add_space_arguments(ap, "student.lora.r=16")

@@ -19,8 +19,17 @@ from kdray.config import add_space_arguments, help_epilog, load_config
 from kdray.errors import run_cli
 
 
+#: What `--help` shows as examples.
+EXAMPLES = (
+    'kdray distill --space smoke',
+    'kdray distill --space default --set train.alpha=0.3 --set student.lora.r=8',
+)
+
+
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="kdray distill", formatter_class=argparse.RawDescriptionHelpFormatter, epilog=help_epilog('kdray distill --space smoke', 'kdray distill --space default --set train.alpha=0.3 --set student.lora.r=8'), description=(
+    ap = argparse.ArgumentParser(
+        prog="kdray distill", formatter_class=argparse.RawDescriptionHelpFormatter, epilog=help_epilog(*EXAMPLES),
+        description=(
         "Run one distillation (one trial) of a search space's student on Ray and print its "
         "per-epoch metrics. The teacher stage runs first (cached)."))
     add_space_arguments(ap, "train.alpha=0.3")

@@ -31,7 +31,7 @@ import re
 import shutil
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -41,6 +41,10 @@ from kdray.errors import UserError, run_cli
 from kdray.machine import device_name
 from kdray.rundir import RunDir
 from kdray.trials import TrialConfig
+
+if TYPE_CHECKING:  # torch loads when the stage runs, so `kdray final --run BAD` answers at once
+    import torch
+    from torch import nn
 
 VARIANTS = {
     "student": "distilled LoRA student (the search's best configuration)",
@@ -531,10 +535,18 @@ def load_run(run: str | Path) -> tuple[RunConfig, Path]:
     return load_config(rd.config), rd.root
 
 
+#: What `--help` shows as examples.
+EXAMPLES = (
+    'kdray final --run runs/default',
+)
+
+
 def main(argv: list[str] | None = None) -> int:
     from kdray.cluster import add_cluster_arguments, init_ray
 
-    ap = argparse.ArgumentParser(prog="kdray final", formatter_class=argparse.RawDescriptionHelpFormatter, epilog=help_epilog('kdray final --run runs/default'), description=(
+    ap = argparse.ArgumentParser(
+        prog="kdray final", formatter_class=argparse.RawDescriptionHelpFormatter, epilog=help_epilog(*EXAMPLES),
+        description=(
         "Rerun the final stage of a search: retrain the best configuration with several seeds and "
         "the no-KD and head-only baselines, save the merged student, benchmark everything against "
         "the teacher on the test split, and write results.json, report.md and plots/."))

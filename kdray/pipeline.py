@@ -19,8 +19,20 @@ from kdray.errors import UserError
 from kdray.rundir import RunDir
 
 
+#: What `--help` shows as examples.
+EXAMPLES = (
+    'kdray search --budget 1e6',
+    'kdray search --space smoke --no-final',
+    'kdray search --space imdb_cpu --budget 5e5 --trials 12 --name imdb',
+    'kdray search --budget 1e6 --set data.source=reviews.csv --set data.text_columns=[review] --set data.label_column=sentiment',
+    'python -m kdray.search --budget 1e6   (the same command)',
+)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="kdray search", formatter_class=argparse.RawDescriptionHelpFormatter, epilog=help_epilog('kdray search --budget 1e6', 'kdray search --space smoke --no-final', 'kdray search --space imdb_cpu --budget 5e5 --trials 12 --name imdb', 'kdray search --budget 1e6 --set data.source=reviews.csv --set data.text_columns=[review] --set data.label_column=sentiment', 'python -m kdray.search --budget 1e6   (the same command)'), description=(
+    ap = argparse.ArgumentParser(
+        prog="kdray search", formatter_class=argparse.RawDescriptionHelpFormatter, epilog=help_epilog(*EXAMPLES),
+        description=(
         "Search for the best distilled LoRA student within a trainable-parameter budget: Ray Tune + "
         "Optuna (TPE) + ASHA, each trial a distillation. Over-budget configurations never train."))
     ap.add_argument("--budget", type=float, help="trainable-parameter budget of the student, counted in parameters "
@@ -41,7 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--verbose", action="store_true", help="also print Ray's, Tune's, the trial processes' and "
                     "Optuna's own output (default: kdray's progress only)")
     ap.add_argument("--no-final", action="store_true",
-                    help="stop after the search (later: python -m kdray.final --run runs/<name>)")
+                    help="stop after the search (later: kdray final --run runs/<name>)")
     ap.add_argument("--export", metavar="DIR", help="also copy the report (report.md, results.json, plots/) to DIR, "
                     "e.g. examples/<task>/: the small part of a run worth sharing")
     return ap

@@ -66,8 +66,17 @@ def read_texts(args: argparse.Namespace) -> list[str]:
     return texts
 
 
+#: What `--help` shows as examples.
+EXAMPLES = (
+    'kdray predict --model runs/default/final/student "a gorgeous, witty film" "flat and dull"',
+    'kdray predict --model runs/default/final/student --file texts.txt',
+)
+
+
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="kdray predict", formatter_class=argparse.RawDescriptionHelpFormatter, epilog=help_epilog('kdray predict --model runs/default/final/student "a gorgeous, witty film" "flat and dull"', 'kdray predict --model runs/default/final/student --file texts.txt'), description=(
+    ap = argparse.ArgumentParser(
+        prog="kdray predict", formatter_class=argparse.RawDescriptionHelpFormatter, epilog=help_epilog(*EXAMPLES),
+        description=(
         "Classify texts with a saved kdray student (or any Hugging Face text classifier directory): "
         "prints label, probability and text per line."))
     ap.add_argument("--model", required=True, help="model directory, e.g. runs/<name>/final/student")

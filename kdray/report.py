@@ -600,8 +600,16 @@ def export(run_dir: Path, dest: Path) -> None:
     print(f"report: exported to {dest}/")
 
 
+#: What `--help` shows as examples.
+EXAMPLES = (
+    'kdray report --run runs/default',
+)
+
+
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="kdray report", formatter_class=argparse.RawDescriptionHelpFormatter, epilog=help_epilog('kdray report --run runs/default'), description=(
+    ap = argparse.ArgumentParser(
+        prog="kdray report", formatter_class=argparse.RawDescriptionHelpFormatter, epilog=help_epilog(*EXAMPLES),
+        description=(
         "Rebuild results.json, report.md and plots/ of a run whose final stage has run (trains nothing)."))
     ap.add_argument("--run", required=True, help="run directory (runs/<name>/)")
     ap.add_argument("--wandb", choices=["online", "offline", "disabled"],

@@ -172,8 +172,17 @@ def _progress(what: str):
     return show
 
 
+#: What `--help` shows as examples.
+EXAMPLES = (
+    'kdray teacher --space default',
+    'kdray teacher --space smoke --set teacher.train.epochs=1',
+)
+
+
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="kdray teacher", formatter_class=argparse.RawDescriptionHelpFormatter, epilog=help_epilog('kdray teacher --space default', 'kdray teacher --space smoke --set teacher.train.epochs=1'), description=(
+    ap = argparse.ArgumentParser(
+        prog="kdray teacher", formatter_class=argparse.RawDescriptionHelpFormatter, epilog=help_epilog(*EXAMPLES),
+        description=(
         "Fine-tune the teacher of a search space on Ray Train (or find it in the cache), evaluate it "
         "on validation and compute its logits on train and validation once."))
     add_space_arguments(ap, "teacher.train.epochs=1")

@@ -105,3 +105,21 @@ def test_budget_cli_bad_input_exits_2_with_one_message(args, needle):
     assert r.returncode == 2, r.stdout + r.stderr
     assert needle in r.stderr
     assert "Traceback" not in r.stderr
+
+
+def test_a_space_with_base_is_a_set_of_changes_to_it(tmp_path):
+    """`base:` names a shipped space (or a file beside this one); sections merge over it."""
+    (tmp_path / "mine.yaml").write_text("base: default\nname: mine\nsearch: {trials: 12}\n"
+                                        "student: {lora: {r: 4}}\n")
+    cfg, default = load_config(tmp_path / "mine.yaml"), load_config("default")
+    assert cfg.name == "mine" and cfg.search.trials == 12 and cfg.student.lora.r == 4
+    assert cfg.search.concurrency == default.search.concurrency and cfg.student.keep_layers == [0, 2, 4]
+    assert cfg.student.lora.target_modules == default.student.lora.target_modules and cfg.data == default.data
+    (tmp_path / "on_mine.yaml").write_text("base: mine.yaml\nseed: 3\n")  # a file beside it, chained
+    assert load_config(tmp_path / "on_mine.yaml").search.trials == 12
+    (tmp_path / "loop.yaml").write_text("base: loop.yaml\n")
+    with pytest.raises(UserError, match="leads back to this file"):
+        load_config(tmp_path / "loop.yaml")
+    (tmp_path / "lost.yaml").write_text("base: nosuch\n")
+    with pytest.raises(UserError, match="base: nosuch"):
+        load_config(tmp_path / "lost.yaml")

@@ -275,3 +275,26 @@ def test_claims_hold_or_not_from_the_numbers():
     assert holds == [False, False, False, False, False]  # +0.6 pt is 1.5 SE: under 2, not shown
     last = claims(compare(1.0, 2.0, 1.0, 1.0), 10, 1000, ref, 0.95, 0.93)[-1]
     assert last["claim"] == "reference: FinBERT" and last["measured"] == "teacher 95.0%, student 93.0% (-4.0 pt)"
+
+
+def test_best_config_reruns_as_a_space_and_kdray_runs_lists_the_run(smoke_run):
+    """`best_config.yaml` is a space (its run's config.yaml as `base`, the winner's knobs over it);
+    `kdray runs` reads the run back without Ray or torch."""
+    from kdray.config import load_config
+
+    best = yaml.safe_load((smoke_run / "best_config.yaml").read_text())
+    cfg = load_config(smoke_run / "best_config.yaml")
+    assert cfg.name == "smoke" and cfg.train.alpha == best["train"]["alpha"]
+    assert cfg.train.epochs == best["train"]["epochs"] and cfg.student.lora.r == best["student"]["lora"]["r"]
+    assert cfg.student.lora.layers == best["student"]["lora"]["layers"]
+    assert cfg.data == load_config(smoke_run / "config.yaml").data  # everything else from the run
+
+    out = subprocess.run([sys.executable, "-m", "kdray", "runs", "--output-dir", str(smoke_run.parent)],
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    (row,) = [line.split() for line in out.stdout.splitlines() if line.startswith("smoke ")]
+    results = json.loads((smoke_run / "results.json").read_text())
+    student = np.mean([r["test/accuracy"] for r in results["variants"]["student"]["runs"]])
+    assert row[:3] == ["smoke", "reported", "6"]
+    assert row[3:] == [f"{100 * best['best_val_accuracy']:.1f}", f"{100 * student:.1f}",
+                       f"{100 * results['teacher']['test/accuracy']:.1f}"]
