@@ -394,10 +394,15 @@ def _merged(base: dict, changes: dict) -> dict:
 def origin_of(cfg: Any, field_name: str) -> str:
     """Where `field_name`'s value came from, for a later check's error: the flag that set it
     (`--set student.keep_layers=[0,9]`), else the space file."""
-    for key, label in getattr(cfg, "flag_origins", {}).items():
+    return _flag_for(getattr(cfg, "flag_origins", {}), field_name) or cfg.source_file
+
+
+def _flag_for(origins: dict[str, str], field_name: str) -> str | None:
+    """The flag that set `field_name` or a section holding it, else None."""
+    for key, label in origins.items():
         if field_name == key or field_name.startswith(key + "."):
             return label
-    return cfg.source_file
+    return None
 
 
 def _attributed(problems: list[str], origin: dict[str, str], path: str) -> UserError:
@@ -406,11 +411,7 @@ def _attributed(problems: list[str], origin: dict[str, str], path: str) -> UserE
     def flag_of(problem: str) -> str | None:
         if problem.startswith("--"):  # a malformed flag: the problem names it already
             return ""
-        field_name = problem.split(":", 1)[0].split(" ", 1)[0]
-        for key, label in origin.items():
-            if field_name == key or field_name.startswith(key + "."):
-                return label
-        return None
+        return _flag_for(origin, problem.split(":", 1)[0].split(" ", 1)[0])
 
     labels = [flag_of(p) for p in problems]
     if all(label is None for label in labels):
