@@ -49,4 +49,20 @@ def run_cli(main: Callable[[list[str] | None], int | None], argv: list[str] | No
     except UserError as e:
         print(e.message(), file=sys.stderr)
         sys.exit(EXIT_USER_ERROR)
-    sys.exit(code or 0)
+    exit_now(code or 0)
+
+
+def exit_now(code: int) -> None:
+    """End a finished command without the interpreter's teardown.
+
+    The exit handlers still run (Ray's shutdown of the local cluster, wandb's and logging's
+    flushes); what is skipped is the module teardown after them, which took ~3 s on 2 cores
+    once torch, transformers and Ray's core worker were loaded (measured: 3.1 s after the last
+    exit handler, 0.3 s with this). Every file kdray writes is closed by then.
+    """
+    import atexit
+
+    atexit._run_exitfuncs()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
