@@ -11,10 +11,11 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import itertools
 from dataclasses import dataclass
 
 from kdray.config import (LoraChoice, RunConfig, StudentConfig, add_space_arguments, help_epilog, load_config,
-                          origin_of)
+                          origin_of, student_shapes)
 from kdray.errors import UserError, run_cli
 from kdray.models import build_student, count_trainable
 
@@ -61,12 +62,13 @@ def rank_limit(student: StudentConfig, num_labels: int, target_modules: list[str
 
 
 def smallest_feasible(cfg: RunConfig, num_labels: int) -> int:
-    """The smallest trainable count any LoRA choice of the space can have (smallest rank)."""
+    """The smallest trainable count any LoRA choice of the space can have (smallest rank, any shape)."""
     r = min(cfg.space.lora_r)
     counts, problems = [], []
-    for ts in cfg.space.target_modules:
+    for ts, shape in itertools.product(cfg.space.target_modules, student_shapes(cfg)):
+        student = dataclasses.replace(cfg.student, keep_layers=shape)
         try:
-            counts.append(rank_limit(cfg.student, num_labels, ts, cfg.student.lora.layers).at(r))
+            counts.append(rank_limit(student, num_labels, ts, cfg.student.lora.layers).at(r))
         except UserError as e:  # a module of this choice: name the space's field, not the student's
             problems += [p.replace("student.lora.target_modules", f"space.target_modules {ts}") for p in e.problems]
     if problems:

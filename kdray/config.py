@@ -209,6 +209,11 @@ class SpaceConfig:
     `all`: every layer gets LoRA."""
     epochs: list[int] = field(default_factory=lambda: [3])
     """Epoch counts to choose from (ASHA may stop a trial earlier)."""
+    keep_layers: list[list[int]] | None = None
+    """Student shapes to choose from: each a `student.keep_layers` (which layers of the model
+    the student keeps, in order: its depth and its initialisation), e.g. [[0, 2, 4], [0, 3], [0, 1, 2, 3, 4, 5]].
+    Unset: the student's own `keep_layers` only. Each shape's batch-1 latency is measured
+    before the search (`kdray.shapes`); `search.latency_budget_ms` / `search.min_speedup` drop the slow ones."""
 
 
 @dataclass
@@ -225,6 +230,12 @@ class SearchConfig:
     """Retries of a failed trial (from its last checkpoint) before it counts as failed."""
     max_rejections: int = 200
     """Over-budget samples tolerated in a row before the search gives up on the space."""
+    latency_budget_ms: float | None = None
+    """Only student shapes whose batch-1 latency (p50, measured before the search on the device
+    the final stage benchmarks on) is at most this many milliseconds (`--latency-budget 5`)."""
+    min_speedup: float | None = None
+    """Only student shapes at least this many times faster than the teacher at batch 1
+    (`--latency-budget 2x`)."""
     reuse_actors: bool = True
     """Tune `reuse_actors`: a finished trial's process runs the next trial of the same shape, so
     imports (~5 s on 2 cores) and on a GPU the CUDA warm-up are paid once per slot, not per trial."""
@@ -597,6 +608,14 @@ def _type_name(tp: Any) -> str:
 # ----------------------------------------------------------------------------- value checks
 
 
+def student_shapes(cfg: RunConfig) -> list[list[int] | None]:
+    """The student shapes a search chooses from: `space.keep_layers`, else the student's own
+    (None: every layer of the model)."""
+    if cfg.space.keep_layers:
+        return [list(shape) for shape in cfg.space.keep_layers]
+    return [cfg.student.keep_layers]
+
+
 def _check_values(cfg: RunConfig) -> list[str]:
     p: list[str] = []
     if not SAFE_NAME.fullmatch(cfg.name):
@@ -685,12 +704,25 @@ def _check_values(cfg: RunConfig) -> list[str]:
         p.append(f"space.epochs: {sp.epochs}: every choice must be at least 1.")
     if sp.layers not in ("subset", "all"):
         p.append(f"space.layers: {sp.layers!r} is unknown. Fix: subset or all.")
+    if sp.keep_layers is not None:
+        if not sp.keep_layers:
+            p.append("space.keep_layers: no shape listed. Fix: list shapes such as [[0, 2, 4], [0, 3]], or unset it.")
+        for shape in sp.keep_layers:
+            if not shape or len(set(shape)) != len(shape):
+                p.append(f"space.keep_layers: {shape} must list at least one layer, each once.")
+        if sp.layers == "subset":
+            p.append("space.layers: subset picks LoRA layers by position, which is a different layer in each shape "
+                     "of space.keep_layers. Fix: space.layers: all when shapes are searched.")
     se = cfg.search
     for attr in ("trials", "concurrency", "grace_period", "max_rejections"):
         if getattr(se, attr) < 1:
             p.append(f"search.{attr}: {getattr(se, attr)} must be at least 1.")
     if se.reduction_factor < 2:
         p.append(f"search.reduction_factor: {se.reduction_factor} must be at least 2.")
+    if se.latency_budget_ms is not None and se.latency_budget_ms <= 0:
+        p.append(f"search.latency_budget_ms: {se.latency_budget_ms} must be above 0 milliseconds.")
+    if se.min_speedup is not None and se.min_speedup <= 0:
+        p.append(f"search.min_speedup: {se.min_speedup} must be above 0 (2 = twice as fast as the teacher).")
     fi = cfg.final
     for attr in ("seeds", "latency_runs", "throughput_batch_size"):
         if getattr(fi, attr) < 1:

@@ -233,6 +233,7 @@ def _benchmark(loaders: dict[str, tuple[Any, Any, int]], device: torch.device,
     import torch
 
     from kdray.loop import DeviceSplit, model_inputs, predict_logits
+    from kdray.shapes import interleaved_latency
 
     fc = cfg.final
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
@@ -258,16 +259,9 @@ def _benchmark(loaders: dict[str, tuple[Any, Any, int]], device: torch.device,
                      "throughput_per_s": len(split) / seconds, "throughput_batch_size": fc.throughput_batch_size,
                      "peak_memory_mb": float(peak), "memory_kind": kind}
         models[name] = model
-    times: dict[str, list[float]] = {name: [] for name in models}
-    for i in range(fc.latency_runs):
-        for name, model in models.items():
-            sync()
-            t0 = time.perf_counter()
-            model(**singles[name][i])
-            sync()
-            times[name].append(time.perf_counter() - t0)
+    times = interleaved_latency({name: (model, singles[name]) for name, model in models.items()}, fc.latency_runs, sync)
     for name, t in times.items():
-        ms = np.asarray(t) * 1000
+        ms = np.asarray(t)
         out[name].update({"latency_ms_p50": float(np.percentile(ms, 50)), "latency_ms_p95": float(np.percentile(ms, 95)),
                           "latency_runs": len(ms)})
     return out, logits

@@ -39,6 +39,10 @@ def build_parser() -> argparse.ArgumentParser:
                     "(head included), e.g. 1e6; default: the space's `budget`")
     add_space_arguments(ap, "search.concurrency=1")
     ap.add_argument("--trials", type=int, help="number of trials that train (overrides search.trials)")
+    ap.add_argument("--latency-budget", metavar="MS|Nx", help="only student shapes at most MS milliseconds per "
+                    "example at batch 1 (e.g. 5), or at least N times faster than the teacher (e.g. 2x), measured "
+                    "before the search on the device the final stage benchmarks on; shapes come from "
+                    "space.keep_layers (search.latency_budget_ms / search.min_speedup)")
     ap.add_argument("--name", help="run name: the directory <output-dir>/<name>/ and the wandb group (default: "
                     "the space's name; when that run exists, the next free <name>-2, <name>-3, ...)")
     ap.add_argument("--overwrite", action="store_true", help="replace the run of this --name if it exists "
@@ -68,6 +72,8 @@ def main(argv: list[str] | None = None) -> int:
         flags["name"] = (args.name, f"--name {args.name}")
     if args.storage_path is not None:
         flags["storage_path"] = (args.storage_path, f"--storage-path {args.storage_path}")
+    if args.latency_budget is not None:
+        flags.update(latency_flag(args.latency_budget))
     cfg = load_config(args.space, args.overrides, budget=args.budget, flags=flags)
     if cfg.budget is None:
         raise UserError("no budget. Fix: --budget 1e6 (trainable parameters), or `budget:` in the space.",
@@ -95,15 +101,22 @@ def main(argv: list[str] | None = None) -> int:
     from kdray.study import describe, run_search, summarize, wandb_callback
 
     require_feasible(cfg, task.num_labels)
+    shapes = None
+    if cfg.space.keep_layers or cfg.search.latency_budget_ms is not None or cfg.search.min_speedup is not None:
+        from kdray.shapes import describe_shapes, measure
+
+        shapes = measure(cfg, task)  # a latency budget no shape meets exits 2 here, before Ray
     if args.overwrite and run.root.exists():
         print(f"--overwrite: deleting the earlier run {run.root}")
         shutil.rmtree(run.root)
     n_layers = encoder_count(cfg.student, task.num_labels)
     describe(cfg, task.num_labels, n_layers)
+    if shapes is not None:
+        describe_shapes(shapes, cfg)
     # Before Ray starts: WANDB_MODE is set for this process and the ones Ray starts.
     wandb = wandb_callback(wandb_mode, cfg, run)
     init_ray(args.address)
-    result = run_search(cfg, task, run, n_layers, resume=args.resume, wandb=wandb)
+    result = run_search(cfg, task, run, n_layers, resume=args.resume, wandb=wandb, shapes=shapes)
     summarize(result, cfg)
     if wandb_mode == "offline":
         print(wandb_sync_hint(run.wandb))
@@ -120,6 +133,19 @@ def main(argv: list[str] | None = None) -> int:
     if args.export is not None:
         export(run.root, Path(args.export))
     return 0
+
+
+def latency_flag(text: str) -> dict[str, tuple[float, str]]:
+    """`--latency-budget 5` (or `5ms`): milliseconds; `--latency-budget 2x`: a speed-up over the teacher."""
+    flag = f"--latency-budget {text}"
+    raw = text.strip().lower()
+    field = "search.min_speedup" if raw.endswith("x") else "search.latency_budget_ms"
+    try:
+        value = float(raw.removesuffix("x").removesuffix("ms"))
+    except ValueError:
+        raise UserError(f"{flag}: not a latency budget. Fix: milliseconds per example at batch 1 (--latency-budget 5) "
+                        f"or a speed-up over the teacher (--latency-budget 2x).") from None
+    return {field: (value, flag)}
 
 
 def choose_run(args: argparse.Namespace, cfg) -> RunDir:

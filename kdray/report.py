@@ -27,6 +27,10 @@ from kdray import metrics as M
 from kdray.config import help_epilog
 from kdray.errors import UserError, run_cli
 from kdray.tracking import wandb_mode_of, wandb_target
+from kdray.trials import SHAPE_PARAM, shape_text
+
+#: Trial statuses in the search's plots.
+STATUS_COLORS = {"completed": "tab:blue", "stopped early": "tab:orange", "failed": "tab:red"}
 
 SCHEMA_PATH = Path(__file__).resolve().parent / "results.schema.json"
 SCHEMA_ID = "kdray-results/1"
@@ -36,6 +40,7 @@ PLOTS = {
     "curves": "validation accuracy per epoch of every trial",
     "confusion": "test confusion matrices, teacher and student",
     "latency_size": "latency at batch 1 and size, every benchmarked model",
+    "latency": "validation accuracy vs batch-1 latency of every trial (when the student's shape was searched)",
 }
 
 
@@ -97,9 +102,11 @@ def build_results(run_dir: Path) -> dict[str, Any]:
         "search": {"trials": len(rows), "completed": counts["completed"], "stopped_early": counts["stopped early"],
                    "failed": counts["failed"], "rejected_over_budget": summary.get("rejected"),
                    "seconds": summary.get("seconds"), "test_reads": summary.get("test_reads"), "best": best,
-                   "trials_table": [{k: r[k] for k in ("trial_id", "alpha", "temperature", "learning_rate", "lora_r",
-                                                        "lora_alpha", "target_modules", "layers", M.TRAINABLE_PARAMS,
-                                                        "best_val_accuracy", "epochs_run", "status")}
+                   "trials_table": [{**{k: r[k] for k in ("trial_id", "alpha", "temperature", "learning_rate", "lora_r",
+                                                           "lora_alpha", "target_modules", "layers", M.TRAINABLE_PARAMS,
+                                                           "best_val_accuracy", "epochs_run", "status")},
+                                     # Runs from before shapes were searched have neither column.
+                                     SHAPE_PARAM: r.get(SHAPE_PARAM), M.LATENCY_MS: r.get(M.LATENCY_MS)}
                                     for r in rows]},
         "teacher": final["teacher"],
         "final": {**{k: final[k] for k in ("seeds", "device", "device_type", "train_seconds", "seconds")},
@@ -112,7 +119,8 @@ def build_results(run_dir: Path) -> dict[str, Any]:
         "claims": claims(comparison, best[M.TRAINABLE_PARAMS], budget, cfg.get("final", {}),
                          final["teacher"][M.TEST_ACCURACY], variants["student"][M.TEST_ACCURACY]["mean"]),
         "error_analysis": final["error_analysis"],
-        "plots": {name: f"plots/{name}.png" for name in PLOTS},
+        "plots": {name: f"plots/{name}.png" for name in PLOTS
+                  if name != "latency" or any(r.get(M.LATENCY_MS) is not None for r in rows)},
     }
 
 
@@ -196,36 +204,24 @@ def make_plots(run_dir: Path, results: dict[str, Any]) -> dict[str, str]:
     best = results["search"]["best"]
     budget = results["run"]["budget"]
     skipped: dict[str, str] = {}
-    colors = {"completed": "tab:blue", "stopped early": "tab:orange", "failed": "tab:red"}
+    colors = STATUS_COLORS
 
-    # Pareto front: validation accuracy vs trainable parameters.
-    fig, ax = plt.subplots(figsize=(7, 4.5))
     scored = [r for r in rows if r["best_val_accuracy"] is not None]
-    for status, color in colors.items():
-        pts = [r for r in scored if r["status"] == status]
-        if pts:
-            ax.scatter([r[M.TRAINABLE_PARAMS] for r in pts], [r["best_val_accuracy"] for r in pts], c=color,
-                       label=status, alpha=0.8)
-    # The front joins trials that ran all their epochs: a trial ASHA stopped after one epoch is
-    # plotted (orange) but is not comparable with full runs, so it never shapes the front.
-    front, top = [], -1.0
-    full = [r for r in scored if r["status"] == "completed"]
-    for r in sorted(full, key=lambda r: (r[M.TRAINABLE_PARAMS], -r["best_val_accuracy"])):
-        if r["best_val_accuracy"] > top:
-            front.append(r)
-            top = r["best_val_accuracy"]
-    if front:
-        ax.step([r[M.TRAINABLE_PARAMS] for r in front], [r["best_val_accuracy"] for r in front], where="post",
-                c="gray", lw=1, label="Pareto front (completed trials)")
+    chosen = next((r for r in scored if r["trial_id"] == best["trial_id"]), None)
+    fig, ax = _front(plt, scored, M.TRAINABLE_PARAMS, chosen)
     ax.axvline(budget, c="red", ls="--", label=f"budget {budget:,}")
-    ax.scatter([best[M.TRAINABLE_PARAMS]], [best["best_val_accuracy"]], marker="*", s=300, c="gold",
-               edgecolors="black", zorder=5, label="chosen")
     ax.set_xscale("log")
     ax.set_xlabel("trainable parameters (log scale)")
-    ax.set_ylabel("best validation accuracy")
     ax.set_title("Search: accuracy vs trainable parameters")
     ax.legend(fontsize=8, loc="best")
     _save(fig, out / "pareto.png")
+    timed = [r for r in scored if r.get(M.LATENCY_MS) is not None]
+    if timed:  # the student's shape was searched (or its latency budgeted): accuracy vs speed
+        fig, ax = _front(plt, timed, M.LATENCY_MS, chosen)
+        ax.set_xlabel("batch-1 latency, ms (p50, measured before the search)")
+        ax.set_title("Search: accuracy vs latency (each student shape)")
+        ax.legend(fontsize=8, loc="best")
+        _save(fig, out / "latency.png")
 
     # Parameter importances (fANOVA) on the trials that trained.
     try:
@@ -306,6 +302,31 @@ def make_plots(run_dir: Path, results: dict[str, Any]) -> dict[str, str]:
 #: fANOVA fits a random forest to (knobs -> accuracy): below this many completed trials its
 #: ranking of 8-10 knobs says more about the forest than about the knobs.
 MIN_IMPORTANCE_TRIALS = 10
+
+
+def _front(plt: Any, rows: list[dict], x: str, chosen: dict | None) -> tuple[Any, Any]:
+    """Validation accuracy of every scored trial against `x` (lower is better), coloured by
+    status, the Pareto front of the completed trials and the chosen trial as a star."""
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for status, color in STATUS_COLORS.items():
+        pts = [r for r in rows if r["status"] == status]
+        if pts:
+            ax.scatter([r[x] for r in pts], [r["best_val_accuracy"] for r in pts], c=color, label=status, alpha=0.8)
+    # The front joins trials that ran all their epochs: a trial ASHA stopped after one epoch is
+    # plotted (orange) but is not comparable with full runs, so it never shapes the front.
+    front, top = [], -1.0
+    for r in sorted((r for r in rows if r["status"] == "completed"), key=lambda r: (r[x], -r["best_val_accuracy"])):
+        if r["best_val_accuracy"] > top:
+            front.append(r)
+            top = r["best_val_accuracy"]
+    if front:
+        ax.step([r[x] for r in front], [r["best_val_accuracy"] for r in front], where="post",
+                c="gray", lw=1, label="Pareto front (completed trials)")
+    if chosen is not None:
+        ax.scatter([chosen[x]], [chosen["best_val_accuracy"]], marker="*", s=300, c="gold",
+                   edgecolors="black", zorder=5, label="chosen")
+    ax.set_ylabel("best validation accuracy")
+    return fig, ax
 
 
 def param_importances(run_dir: Path, study_name: str, seed: int) -> dict[str, float]:
@@ -421,7 +442,7 @@ def render_markdown(results: dict[str, Any], skipped: dict[str, str]) -> str:
         "",
         f"{search['trials']} trials trained ({search['completed']} completed, {search['stopped_early']} stopped early "
         f"by ASHA, {search['failed']} failed)"
-        + (f"; {search['rejected_over_budget']} sampled configurations were over budget and rejected before training"
+        + (f"; {search['rejected_over_budget']} sampled configurations were infeasible (over the parameter budget, or a too-slow shape) and rejected before training"
            if search["rejected_over_budget"] is not None else "")
         + (f"; {search['seconds']:.0f} s" if search["seconds"] is not None else "") + ".",
         "",
@@ -430,18 +451,26 @@ def render_markdown(results: dict[str, Any], skipped: dict[str, str]) -> str:
         f"{best['train']['epochs']} epoch(s), LoRA r {best['student']['lora']['r']}, "
         f"alpha {best['student']['lora']['alpha']:g}, dropout {best['student']['lora']['dropout']:.2f}, modules "
         f"{','.join(best['student']['lora']['target_modules'])}, layers "
-        f"{best['student']['lora']['layers'] if best['student']['lora']['layers'] is not None else 'all'}.",
+        f"{best['student']['lora']['layers'] if best['student']['lora']['layers'] is not None else 'all'}"
+        + (f"; student shape: layers {shape_text(best['student']['keep_layers'])} of the model" if "keep_layers" in
+           best["student"] else "") + ".",
         "",
-        "| trial | alpha | T | lr | r | modules | layers | trainable params | best val acc | epochs | status |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
+    timed = any(r.get(M.LATENCY_MS) is not None for r in search["trials_table"])
+    shape_cols = ("| shape | ms (batch 1) ", "|---|---") if timed else ("", "")
+    lines += [f"| trial | alpha | T | lr | r | modules | layers {shape_cols[0]}| trainable params | best val acc | epochs "
+              f"| status |", f"|---|---|---|---|---|---|---{shape_cols[1]}|---|---|---|---|"]
     for r in sorted(search["trials_table"], key=lambda r: -(r["best_val_accuracy"] or 0)):
         acc = "n/a" if r["best_val_accuracy"] is None else f"{r['best_val_accuracy']:.4f}"
         mark = " **(chosen)**" if r["trial_id"] == best["trial_id"] else ""
+        shape = f"| {r.get(SHAPE_PARAM) or 'as configured'} | {r[M.LATENCY_MS]:.2f} " if timed else ""
         lines.append(f"| {r['trial_id']}{mark} | {r['alpha']:.2f} | {r['temperature']:.2f} | {r['learning_rate']:.1e} "
-                     f"| {r['lora_r']} | {r['target_modules']} | {r['layers']} | {r[M.TRAINABLE_PARAMS]:,} | {acc} "
+                     f"| {r['lora_r']} | {r['target_modules']} | {r['layers']} {shape}| {r[M.TRAINABLE_PARAMS]:,} | {acc} "
                      f"| {r['epochs_run']} | {r['status']} |")
-    lines += ["", "![Pareto front](plots/pareto.png)", "", "![Validation curves](plots/curves.png)", ""]
+    lines += ["", "![Pareto front](plots/pareto.png)", ""]
+    if timed:
+        lines += ["![Accuracy vs latency](plots/latency.png)", ""]
+    lines += ["![Validation curves](plots/curves.png)", ""]
     if "importances" in skipped:
         lines += [f"Parameter importances: not computed ({skipped['importances']}).", ""]
     else:

@@ -108,10 +108,13 @@ def check_models(cfg: Any) -> None:
         if spec.config is None:
             problems += model_problems(f"{role}.name", spec.name, offline)
         problems += model_problems(f"{role}.tokenizer", spec.tokenizer, offline)
-    keep, n = cfg.student.keep_layers, layer_count(cfg.student) if not problems else None
-    if keep is not None and n is not None and any(not 0 <= i < n for i in keep):
-        problems.append(f"student.keep_layers: {keep} has layers out of range: the model has {n} layers "
-                        f"(0-{n - 1}). Fix: pick layers in 0-{n - 1}.")
+    n = layer_count(cfg.student) if not problems else None
+    shapes = [("student.keep_layers", cfg.student.keep_layers)]
+    shapes += [("space.keep_layers", shape) for shape in cfg.space.keep_layers or []]
+    for field, keep in shapes:
+        if keep is not None and n is not None and any(not 0 <= i < n for i in keep):
+            problems.append(f"{field}: {keep} has layers out of range: the model has {n} layers "
+                            f"(0-{n - 1}). Fix: pick layers in 0-{n - 1}.")
     if problems:
         from kdray.config import origin_of
 

@@ -23,9 +23,10 @@ from kdray import metrics as M
 from kdray.budget import count, head_cost, rank_limit
 from kdray.cluster import NODE_ID
 from kdray.machine import GpuSampler
-from kdray.config import RunConfig, SpaceConfig, StudentConfig, to_dict
+from kdray.config import RunConfig, SpaceConfig, StudentConfig, student_shapes, to_dict
 from kdray.rundir import RunDir
-from kdray.trials import LAYER_PREFIX, REJECTED_ATTR, TrialConfig, status_counts
+from kdray.trials import (LAYER_PREFIX, REJECTED_ATTR, REJECTED_WHY_ATTR, SHAPE_PARAM, TrialConfig, shape_text,
+                          status_counts)
 
 METRIC, MODE = M.VAL_ACCURACY, "max"
 
@@ -40,11 +41,16 @@ class BudgetedSpace:
     besides the count (a meta-device build, milliseconds). An over-budget sample gets a positive
     Optuna constraint value and `feasible: False`; `BudgetedOptunaSearch` then rejects it.
     `n_layers` is the student's encoder depth: one `layer_i` flag each when layers are searched.
+    With `space.keep_layers` the shape is a parameter too; `latency` (shape text -> batch-1 ms,
+    `kdray.shapes.ShapeTable.latency_of`) and `limit_ms` make a too-slow shape infeasible the
+    same way (its own `latency` constraint), before it trains.
     """
 
-    def __init__(self, space: SpaceConfig, student: StudentConfig, num_labels: int, budget: int, n_layers: int):
+    def __init__(self, space: SpaceConfig, student: StudentConfig, num_labels: int, budget: int, n_layers: int,
+                 latency: dict[str | None, float] | None = None, limit_ms: float | None = None):
         self.space, self.student, self.num_labels = space, student, num_labels
         self.budget, self.n_layers = budget, n_layers
+        self.latency, self.limit_ms = latency or {}, limit_ms
 
     def __call__(self, trial: Any) -> dict[str, Any]:
         sp = self.space
@@ -60,6 +66,8 @@ class BudgetedSpace:
         if sp.layers == "subset":
             for i in range(self.n_layers):
                 trial.suggest_categorical(f"{LAYER_PREFIX}{i}", [True, False])
+        if sp.keep_layers:
+            trial.suggest_categorical(SHAPE_PARAM, [shape_text(shape) for shape in sp.keep_layers])
         choice = TrialConfig.from_params(trial.params)
         if not choice.lora.layers and choice.lora.layers is not None:
             n, feasible = 0, False  # no layer chosen: not a LoRA student at all
@@ -69,9 +77,22 @@ class BudgetedSpace:
         # Feasible when <= 0: trainable parameters over budget (an empty layer set counts as over).
         trial.set_constraint("budget", float(n - self.budget) if n else 1.0)
         trial.set_user_attr(M.TRAINABLE_PARAMS, n)
+        out: dict[str, Any] = {M.TRAINABLE_PARAMS: n}
+        latency = self.latency.get(shape_text(choice.keep_layers))
+        if latency is not None:
+            trial.set_user_attr(M.LATENCY_MS, latency)
+            out[M.LATENCY_MS] = latency
+            if self.limit_ms is not None:
+                # Feasible when <= 0: milliseconds over the latency budget.
+                trial.set_constraint("latency", latency - self.limit_ms)
+                if latency > self.limit_ms:
+                    feasible = False
+                    trial.set_user_attr(REJECTED_WHY_ATTR, "latency")
+        if n > self.budget or not n:
+            trial.set_user_attr(REJECTED_WHY_ATTR, "budget")
         if not feasible:
             trial.set_user_attr(REJECTED_ATTR, True)
-        return {M.TRAINABLE_PARAMS: n, "feasible": feasible}
+        return {**out, "feasible": feasible}
 
 
 class BudgetedOptunaSearch(OptunaSearch):
@@ -93,8 +114,8 @@ class BudgetedOptunaSearch(OptunaSearch):
             if config is None or config.get("feasible", True):
                 return config
             self._ot_study.tell(self._ot_trials.pop(trial_id), state=optuna.trial.TrialState.PRUNED)
-        raise RuntimeError(f"{self.max_rejections} samples in a row were over the budget: narrow the "
-                           f"space (smaller ranks, fewer modules or layers).")
+        raise RuntimeError(f"{self.max_rejections} samples in a row were over the budget or too slow: narrow "
+                           f"the space (smaller ranks, fewer modules or layers, faster shapes).")
 
     def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
         ot_trial = self._ot_trials.get(trial_id)
@@ -167,7 +188,7 @@ def trial_rows(results: Any, budget: int) -> list[dict[str, Any]]:
         else:
             status = "completed" if epochs_run >= c.epochs else "stopped early"
         rows.append({
-            "trial_id": last.get("trial_id"), **c.to_row(),
+            "trial_id": last.get("trial_id"), **c.to_row(), M.LATENCY_MS: r.config.get(M.LATENCY_MS),
             "reported_trainable_params": int(last.get(M.TRAINABLE_PARAMS, -1)),
             "within_budget": c.trainable_params <= budget,
             "val_accuracy_per_epoch": accuracy, "val_f1_macro_per_epoch": f1,
@@ -216,7 +237,11 @@ def largest_student(cfg: RunConfig) -> StudentConfig:
     sp = cfg.space
     lora = LoraChoice(r=max(sp.lora_r), alpha=max(sp.lora_alpha), dropout=sp.lora_dropout[0],
                       target_modules=max(sp.target_modules, key=len), layers=None)
-    return dataclasses.replace(cfg.student, mode="lora", lora=lora)
+    return dataclasses.replace(cfg.student, mode="lora", lora=lora, keep_layers=max(student_shapes(cfg), key=_depth))
+
+
+def _depth(shape: list[int] | None) -> float:
+    return float("inf") if shape is None else len(shape)
 
 
 def count_rejected(storage_url: str, study_name: str) -> int:
@@ -275,10 +300,11 @@ class SearchResult:
 
 
 def run_search(cfg: RunConfig, task: Any, run: RunDir, n_layers: int, *, resume: bool = False,
-               wandb: Any = None) -> SearchResult:
+               wandb: Any = None, shapes: Any = None) -> SearchResult:
     """Teacher (cached), then the Tune search over `task` (the data stage's `TaskData`); writes
     trials.parquet and best_config.yaml. Ray must be running (`kdray.cluster.init_ray`);
-    `wandb` is `wandb_callback`'s, made before Ray started (or None)."""
+    `wandb` is `wandb_callback`'s, made before Ray started (or None); `shapes` the measured
+    student shapes (`kdray.shapes.measure`), when shapes are searched or latency is budgeted."""
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
 
@@ -307,7 +333,8 @@ def run_search(cfg: RunConfig, task: Any, run: RunDir, n_layers: int, *, resume:
         tuner = tune.Tuner.restore(storage_join(storage, "search"), trainable=tune_trainable(spec),
                                    resume_errored=True)
     else:
-        space = BudgetedSpace(cfg.space, cfg.student, task.num_labels, cfg.budget, n_layers)
+        space = BudgetedSpace(cfg.space, cfg.student, task.num_labels, cfg.budget, n_layers,
+                              latency=shapes.latency_of() if shapes else None, limit_ms=shapes.limit_ms if shapes else None)
         scheduler = ASHAScheduler(time_attr=M.EPOCHS_DONE, max_t=max(cfg.space.epochs),
                                   grace_period=cfg.search.grace_period, reduction_factor=cfg.search.reduction_factor)
         tuner = tune.Tuner(
@@ -331,7 +358,7 @@ def run_search(cfg: RunConfig, task: Any, run: RunDir, n_layers: int, *, resume:
 def summarize(result: SearchResult, cfg: RunConfig) -> None:
     counts = status_counts(result.rows)
     print(f"search done in {result.seconds:.0f}s: {counts['completed']} completed, {counts['stopped early']} stopped early, "
-          f"{counts['failed']} failed, {result.rejected} infeasible configs (over budget, or no layer) rejected before training")
+          f"{counts['failed']} failed, {result.rejected} infeasible configs (over budget, too slow, or no layer) rejected before training")
     b = result.best
     if b is None:
         print("no trial reported a validation accuracy")

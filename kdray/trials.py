@@ -1,7 +1,7 @@
 """One trial's configuration, as one typed value, and every shape it is stored in.
 
 A configuration is sampled by Optuna (flat parameters: comma-joined target modules, one
-`layer_i` flag per encoder layer), trained by a Tune trial, written as a row of
+`layer_i` flag per encoder layer, the student's shape as comma-joined `keep_layers`), trained by a Tune trial, written as a row of
 `search/trials.parquet`, chosen into `best_config.yaml` and retrained by the final stage. This
 module is the one place that converts between those shapes; everything else holds a `TrialConfig`.
 """
@@ -17,9 +17,22 @@ from kdray.config import LoraChoice, TrainableModelConfig
 
 #: An Optuna trial's user attribute: the sample was over budget (or chose no layer) and never trained.
 REJECTED_ATTR = "kdray_rejected"
+#: Why it was rejected: `budget` (over the parameter budget, or no layer) or `latency` (a too-slow shape).
+REJECTED_WHY_ATTR = "kdray_rejected_why"
 #: Trial statuses in `search/trials.parquet`.
 STATUSES = ("completed", "stopped early", "failed")
 LAYER_PREFIX = "layer_"
+#: The Optuna parameter (and trials.parquet column) of the student's shape: comma-joined `keep_layers`.
+SHAPE_PARAM = "keep_layers"
+
+
+def shape_text(keep_layers: list[int] | None) -> str | None:
+    """`[0, 2, 4]` as `0,2,4` (an Optuna categorical choice, a table cell); None stays None."""
+    return None if keep_layers is None else ",".join(map(str, keep_layers))
+
+
+def shape_of(text: str | None) -> list[int] | None:
+    return None if text is None else [int(x) for x in str(text).split(",")]
 
 
 @dataclass(frozen=True)
@@ -45,6 +58,9 @@ class TrialConfig:
     """Training seed; None: the run's `seed`."""
     variant: str | None = None
     """The final stage's variant (`student`, `no_kd`, `head_only`); None in the search."""
+    keep_layers: list[int] | None = None
+    """The student's shape (`student.keep_layers`) when the search chooses it (`space.keep_layers`);
+    None: the run's student as configured."""
 
     # ------------------------------------------------------------------ Optuna parameters
 
@@ -58,7 +74,7 @@ class TrialConfig:
                           target_modules=str(params["target_modules"]).split(","), layers=layers)
         return cls(alpha=float(params["alpha"]), temperature=float(params["temperature"]),
                    learning_rate=float(params["learning_rate"]), epochs=int(params["epochs"]), lora=lora,
-                   trainable_params=int(trainable_params))
+                   trainable_params=int(trainable_params), keep_layers=shape_of(params.get(SHAPE_PARAM)))
 
     @classmethod
     def of_tune(cls, config: dict[str, Any]) -> "TrialConfig":
@@ -84,7 +100,8 @@ class TrialConfig:
         return {"alpha": self.alpha, "temperature": self.temperature, "learning_rate": self.learning_rate,
                 "lora_alpha": self.lora.alpha, "lora_dropout": self.lora.dropout, "lora_r": self.lora.r,
                 "target_modules": ",".join(self.lora.target_modules), "layers": self.layers_text,
-                "epochs": self.epochs, M.TRAINABLE_PARAMS: self.trainable_params}
+                "epochs": self.epochs, M.TRAINABLE_PARAMS: self.trainable_params,
+                SHAPE_PARAM: shape_text(self.keep_layers)}
 
     @classmethod
     def from_row(cls, row: dict[str, Any]) -> "TrialConfig":
@@ -93,13 +110,14 @@ class TrialConfig:
                           target_modules=str(row["target_modules"]).split(","), layers=layers)
         return cls(alpha=float(row["alpha"]), temperature=float(row["temperature"]),
                    learning_rate=float(row["learning_rate"]), epochs=int(row["epochs"]), lora=lora,
-                   trainable_params=int(row[M.TRAINABLE_PARAMS]))
+                   trainable_params=int(row[M.TRAINABLE_PARAMS]), keep_layers=shape_of(row.get(SHAPE_PARAM)))
 
     def to_yaml(self) -> dict[str, Any]:
         """The `train:` and `student:` sections of `best_config.yaml` (shaped like a space's)."""
         return {"train": {"alpha": self.alpha, "temperature": self.temperature, "learning_rate": self.learning_rate,
                           "epochs": self.epochs},
-                "student": {"mode": self.mode, "lora": dataclasses.asdict(self.lora)}}
+                "student": {"mode": self.mode, "lora": dataclasses.asdict(self.lora),
+                            **({"keep_layers": list(self.keep_layers)} if self.keep_layers is not None else {})}}
 
     @classmethod
     def from_yaml(cls, best: dict[str, Any]) -> "TrialConfig":
@@ -108,13 +126,15 @@ class TrialConfig:
                    learning_rate=float(t["learning_rate"]), epochs=int(t["epochs"]),
                    lora=LoraChoice(r=int(lora["r"]), alpha=float(lora["alpha"]), dropout=float(lora["dropout"]),
                                    target_modules=list(lora["target_modules"]), layers=lora["layers"]),
-                   trainable_params=int(best.get(M.TRAINABLE_PARAMS, 0)), mode=best["student"].get("mode", "lora"))
+                   trainable_params=int(best.get(M.TRAINABLE_PARAMS, 0)), mode=best["student"].get("mode", "lora"),
+                   keep_layers=best["student"].get("keep_layers"))
 
     # ------------------------------------------------------------------ what trains
 
     def student(self, base: TrainableModelConfig) -> TrainableModelConfig:
         """`base` as this configuration trains it: LoRA as chosen, or head only."""
-        return dataclasses.replace(base, mode=self.mode, lora=self.lora if self.mode == "lora" else base.lora)
+        return dataclasses.replace(base, mode=self.mode, lora=self.lora if self.mode == "lora" else base.lora,
+                                   keep_layers=base.keep_layers if self.keep_layers is None else list(self.keep_layers))
 
     def job(self, template: Any) -> Any:
         """The `kdray.loop.DistillJob` of this configuration, from the run's `template` job."""

@@ -1,0 +1,185 @@
+"""Student shapes: the depths a search chooses from, how fast each one is, and which are allowed.
+
+A shape is a `student.keep_layers` (which layers of the model the student keeps, in order).
+`space.keep_layers` lists candidates; without it the student's own shape is the only one. Before
+the search, each shape's batch-1 latency (p50) is measured once on the device the final stage
+benchmarks on, beside the teacher's, and cached (it depends on the shape, the inputs and the
+machine, not on the weights: a merged LoRA student runs exactly like a plain model of its shape).
+`search.latency_budget_ms` and `search.min_speedup` then mark the slow shapes; the search's
+sampler is told about a sample of one exactly as about an over-budget sample (`kdray.study`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from kdray.budget import rank_limit
+from kdray.cache import cached_dir, fingerprint
+from kdray.config import RunConfig, origin_of, student_shapes, to_dict
+from kdray.errors import UserError
+from kdray.trials import shape_text
+
+
+@dataclass(frozen=True)
+class Shape:
+    """One candidate student shape, measured."""
+
+    keep_layers: list[int] | None
+    """The layers kept; None: the student as configured (every layer, or its own keep_layers)."""
+    latency_ms: float
+    """p50 latency of one example (batch 1) on the benchmark device."""
+    params: tuple[int, int]
+    """Fewest and most trainable parameters over the space's LoRA choices (every layer adapted)."""
+    fits: bool = True
+    """Within the latency budget (always true without one)."""
+
+    @property
+    def text(self) -> str | None:
+        return shape_text(self.keep_layers)
+
+
+@dataclass(frozen=True)
+class ShapeTable:
+    """The measured candidates, the teacher's latency beside them, and where it was measured."""
+
+    shapes: list[Shape]
+    teacher_ms: float
+    device: str
+    cached: bool
+
+    def latency_of(self) -> dict[str | None, float]:
+        """`{shape text: latency ms}`: plain data for the (pickled) search space."""
+        return {s.text: s.latency_ms for s in self.shapes}
+
+    limit_ms: float | None = None
+    """The slowest batch-1 latency allowed (the latency budget, or the teacher's over the speed-up)."""
+
+    def allowed(self) -> set[str | None]:
+        return {s.text for s in self.shapes if s.fits}
+
+
+def interleaved_latency(models: dict[str, tuple[Any, list[dict]]], runs: int, sync: Any = None) -> dict[str, list[float]]:
+    """Batch-1 latency in ms: `runs` timed forward passes per model over its own `inputs`, every
+    model in turn on each example, so slow drifts of the machine (other processes, clocks) hit
+    every model alike rather than whichever ran during them. Warm the models first."""
+    import torch
+
+    sync = sync or (lambda: None)
+    times: dict[str, list[float]] = {name: [] for name in models}
+    with torch.inference_mode():
+        for i in range(runs):
+            for name, (model, inputs) in models.items():
+                sync()
+                t0 = time.perf_counter()
+                model(**inputs[i % len(inputs)])
+                sync()
+                times[name].append((time.perf_counter() - t0) * 1000)
+    return times
+
+
+def measure(cfg: RunConfig, task: Any) -> ShapeTable:
+    """Each candidate's and the teacher's batch-1 p50 latency (cached), the trainable-parameter
+    range of each candidate, and which fit the latency budget. A `UserError` when none does."""
+    import torch
+
+    from kdray.machine import device_name
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    shapes = student_shapes(cfg)
+    # What decides the speed: each model's identity and shape, the inputs, the machine (not LoRA, not training).
+    models = [{k: to_dict(m)[k] for k in ("name", "config", "tokenizer")} for m in (cfg.student, cfg.teacher)]
+    key = fingerprint("latency-v1", models, cfg.teacher.keep_layers, [shape_text(s) for s in shapes],
+                      task.fingerprint, cfg.data.max_length, cfg.final.latency_runs, cfg.final.warmup_runs,
+                      device_name(device), torch.__version__)
+
+    def build(tmp) -> None:
+        (tmp / "latency.json").write_text(json.dumps(_time_shapes(cfg, task, shapes, device)))
+
+    path, hit = cached_dir("latency", key, build, cfg.cache_dir)
+    ms = json.loads((path / "latency.json").read_text())
+    table = []
+    for shape in shapes:
+        latency = ms["shapes"][str(shape_text(shape))]
+        table.append(Shape(shape, latency, _param_range(cfg, task.num_labels, shape), _fits(cfg, latency, ms["teacher"])))
+    result = ShapeTable(table, ms["teacher"], device_name(device), hit, _limit_ms(cfg, ms["teacher"]))
+    if not any(s.fits for s in table):
+        field = "search.latency_budget_ms" if cfg.search.latency_budget_ms is not None else "search.min_speedup"
+        measured = ", ".join(f"{s.text or 'as configured'}: {s.latency_ms:.2f} ms" for s in table)
+        raise UserError(f"{field}: no student shape is fast enough ({_budget_text(cfg)}; measured at batch 1 on "
+                        f"{result.device}: {measured}; teacher {result.teacher_ms:.2f} ms). Fix: a looser "
+                        f"--latency-budget, or shallower shapes in space.keep_layers.", where=origin_of(cfg, field))
+    return result
+
+
+def _limit_ms(cfg: RunConfig, teacher_ms: float) -> float | None:
+    se = cfg.search
+    limits = [se.latency_budget_ms] if se.latency_budget_ms is not None else []
+    limits += [teacher_ms / se.min_speedup] if se.min_speedup is not None else []
+    return min(limits) if limits else None
+
+
+def _fits(cfg: RunConfig, latency_ms: float, teacher_ms: float) -> bool:
+    limit = _limit_ms(cfg, teacher_ms)
+    return limit is None or latency_ms <= limit
+
+
+def _budget_text(cfg: RunConfig) -> str:
+    se = cfg.search
+    parts = [f"at most {se.latency_budget_ms:g} ms"] if se.latency_budget_ms is not None else []
+    parts += [f"at least {se.min_speedup:g}x faster than the teacher"] if se.min_speedup is not None else []
+    return " and ".join(parts)
+
+
+def _param_range(cfg: RunConfig, num_labels: int, shape: list[int] | None) -> tuple[int, int]:
+    student = dataclasses.replace(cfg.student, keep_layers=shape)
+    counts = []
+    for modules in cfg.space.target_modules:
+        law = rank_limit(student, num_labels, modules, None)
+        counts += [law.at(min(cfg.space.lora_r)), law.at(max(cfg.space.lora_r))]
+    return min(counts), max(counts)
+
+
+def _time_shapes(cfg: RunConfig, task: Any, shapes: list[list[int] | None], device: Any) -> dict:
+    """Build each shape (and the teacher) with random weights (latency does not depend on them),
+    warm each, then time them round-robin on the first validation examples."""
+    import numpy as np
+    import torch
+
+    from kdray.data import tokenize
+    from kdray.loop import DeviceSplit, Split, model_inputs
+    from kdray.models import build_model, load_tokenizer
+
+    runs, warmup = cfg.final.latency_runs, cfg.final.warmup_runs
+
+    def inputs(spec: Any) -> list[dict]:
+        tok = load_tokenizer(spec)
+        split = Split.from_dataset(tokenize(task, tok, cfg.data.max_length, cfg.cache_dir)[0]["validation"])
+        resident = DeviceSplit(split, tok.pad_token_id, device)
+        return [model_inputs(resident.batch(np.array([i % len(split)]))) for i in range(min(runs, len(split)))]
+
+    student_inputs = inputs(cfg.student)
+    models = {str(shape_text(s)): (build_model(dataclasses.replace(cfg.student, keep_layers=s), task.num_labels,
+                                               device=device).eval(), student_inputs) for s in shapes}
+    models["teacher"] = (build_model(cfg.teacher, task.num_labels, device=device).eval(), inputs(cfg.teacher))
+    with torch.inference_mode():
+        for model, xs in models.values():
+            for i in range(warmup):
+                model(**xs[i % len(xs)])
+    sync = torch.cuda.synchronize if device.type == "cuda" else None
+    p50 = {name: float(np.percentile(t, 50)) for name, t in interleaved_latency(models, runs, sync).items()}
+    return {"teacher": p50.pop("teacher"), "shapes": p50}
+
+
+def describe_shapes(table: ShapeTable, cfg: RunConfig) -> None:
+    """Print each candidate: layers, batch-1 latency, speed-up over the teacher, parameter range."""
+    budget = f"; latency budget {_budget_text(cfg)}" if cfg.search.latency_budget_ms or cfg.search.min_speedup else ""
+    print(f"student shapes: batch-1 p50 on {table.device} ({'cached' if table.cached else 'measured now'}): "
+          f"teacher {table.teacher_ms:.2f} ms{budget}")
+    for s in table.shapes:
+        layers = "as configured" if s.keep_layers is None else f"layers {s.text}"
+        print(f"  {layers:<22} {s.latency_ms:7.2f} ms  {table.teacher_ms / s.latency_ms:5.2f}x  "
+              f"trainable {s.params[0]:,}-{s.params[1]:,}{'' if s.fits else '  too slow: never trains'}")
