@@ -156,6 +156,52 @@ def bench_step(args: argparse.Namespace) -> dict:
     }
 
 
+def bench_eval(args: argparse.Namespace) -> dict:
+    """One evaluation pass (`predict_logits` over the space's validation split, as every epoch
+    and the teacher's logits run it) per batch size: the student as a trial builds it, on the
+    threads a trial gets, and the teacher on the teacher stage's. Each size is warmed once, then
+    the sizes alternate (ABAB) over `--rounds` passes; the median pass counts."""
+    from kdray.config import load_config
+    from kdray.data import load_data, tokenize
+    from kdray.loop import DeviceSplit, Split, predict_logits
+    from kdray.models import build_model, build_student, load_tokenizer
+
+    cfg = load_config(args.space, args.overrides)
+    task = load_data(cfg.data)
+    device = torch.device(args.device)
+    threads_before, roles = torch.get_num_threads(), {}
+    teacher_res = cfg.teacher.resources or cfg.resources
+    for role, spec, cpus in (("student", cfg.student, cfg.resources.cpus_per_worker),
+                             ("teacher", cfg.teacher, teacher_res.cpus_per_worker)):
+        tok = load_tokenizer(spec)
+        split = Split.from_dataset(tokenize(task, tok, cfg.data.max_length, cfg.cache_dir)[0]["validation"])
+        resident = DeviceSplit(split, tok.pad_token_id, device)
+        build = build_student if role == "student" else build_model
+        model = build(spec, task.num_labels, device="cpu").to(device).eval()
+        if device.type == "cpu":
+            torch.set_num_threads(max(1, int(round(cpus))))
+        passes: dict[int, list[float]] = {b: [] for b in args.batch_sizes}
+        for _ in range(args.rounds + 1):  # the first round warms every size
+            for b in passes:
+                t0 = time.perf_counter()
+                predict_logits(model, resident, b, tok.pad_token_id, device)
+                passes[b].append(time.perf_counter() - t0)
+        roles[role] = {"threads": torch.get_num_threads(), "examples": len(split),
+                       "seconds_median": {str(b): float(np.median(t[1:])) for b, t in passes.items()},
+                       "pass_seconds": {str(b): t[1:] for b, t in passes.items()}}
+    torch.set_num_threads(threads_before)
+    return {"benchmark": "eval", "environment": _environment(device),
+            "settings": {"space": args.space, "batch_sizes": args.batch_sizes, "rounds": args.rounds,
+                         "order": "one warm pass per size, then ABAB"}, **roles}
+
+
+def print_eval(r: dict) -> None:
+    for role in ("student", "teacher"):
+        t = r[role]["seconds_median"]
+        print(f"{role:<8} {r[role]['examples']} validation examples on {r[role]['threads']} thread(s): "
+              + ", ".join(f"batch {b} {sec:.2f} s" for b, sec in t.items()))
+
+
 def _gpu_target(device: torch.device, target: str, holds: bool) -> dict:
     """A target set for a GPU: judged on one, and said to need one on a CPU run."""
     if device.type == "cuda":
@@ -586,6 +632,7 @@ EXAMPLES = (
     'kdray bench step',
     'kdray bench search --quick',
     'kdray bench overhead --run runs/default',
+    'kdray bench eval --batch-sizes 32 128',
 )
 
 
@@ -612,6 +659,11 @@ def main(argv: list[str] | None = None) -> int:
     st.add_argument("--batch-size", type=int, default=32, help="examples per step (default 32)")
     inf.add_argument("--runs", type=int, default=100, help="timed batch-1 passes per model (default 100)")
     inf.add_argument("--warmup", type=int, default=10, help="untimed passes first (default 10)")
+    ev = sub.add_parser("eval", help="an evaluation pass of the student and the teacher at each batch size")
+    add_space_arguments(ev, "data.max_length=64")
+    ev.add_argument("--batch-sizes", type=int, nargs="+", default=[32, 128], help="(default 32 128)")
+    ev.add_argument("--rounds", type=int, default=3, help="timed passes per size, alternating (default 3)")
+    ev.add_argument("--device", default=device)
     ov = sub.add_parser("overhead", help="per-trial fixed cost and busy share of a finished search")
     ov.add_argument("--run", required=True, help="run directory (runs/<name>/)")
     se = sub.add_parser("search", help="kdray vs HF Trainer.hyperparameter_search with an online-teacher KD Trainer")
@@ -627,7 +679,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"README.md performance table {'updated' if changed else 'already up to date'} from {args.output_dir}")
         return 0
     run, show = {"step": (bench_step, print_step), "infer": (bench_infer, print_infer),
-                 "overhead": (bench_overhead, print_overhead), "search": (bench_search, print_search)}[args.which]
+                 "overhead": (bench_overhead, print_overhead), "search": (bench_search, print_search),
+                 "eval": (bench_eval, print_eval)}[args.which]
     result = run(args)
     show(result)
     kind = result["environment"]["device"].split(":")[0]

@@ -27,6 +27,15 @@ def test_infer_on_the_smoke_models(tmp_path):
     assert all(b["latency_ms_p50"] > 0 and b["throughput_per_s"] > 0 for b in r["models"].values())
 
 
+def test_eval_passes_of_the_smoke_models_at_two_batch_sizes(tmp_path):
+    assert main(["--output-dir", str(tmp_path), "eval", "--space", "smoke", "--batch-sizes", "8", "64",
+                 "--rounds", "1", "--device", "cpu"]) == 0
+    r = json.loads((tmp_path / "eval-cpu.json").read_text())
+    for role in ("student", "teacher"):
+        assert r[role]["examples"] == 256 and r[role]["threads"] == 1  # smoke: one CPU for trials and teacher
+        assert set(r[role]["seconds_median"]) == {"8", "64"} and all(t > 0 for t in r[role]["seconds_median"].values())
+
+
 def test_readme_performance_table_is_the_committed_json():
     from kdray.bench import TABLE_END, TABLE_START, readme_table
     from tests.conftest import ROOT
