@@ -31,7 +31,7 @@ from typing import Any
 from kdray import metrics as M
 from kdray.cluster import NODE_ID
 from kdray.config import ResourcesConfig
-from kdray.trials import TrialConfig
+from kdray.trials import TrialConfig, shape_note
 
 #: CPU the trial's own process holds when its Train workers do the work (several workers):
 #: it must not hold the CPUs its workers need, and Ray refuses 0 (RAY_NOTES.md).
@@ -419,7 +419,7 @@ def progress_callback(label: Callable[[Any], str] | None = None, *, total: int |
                 self.best = (acc, label(trial))
             self.pending.append(
                 f"{label(trial):<16} {c.alpha:>5.2f} {c.temperature:>5.2f} {'-' if head else c.lora.r:>3} "
-                f"{'all' if head else c.layers_text:<12} {c.trainable_params:>9,} "
+                f"{('all' if head else c.layers_text) + shape_note(c):<12} {c.trainable_params:>9,} "
                 f"{result.get(M.EPOCHS_DONE, 0):>5} {acc if acc is None else f'{acc:.4f}':>7}  {status}")
 
         def _ended(self, trial: Any, trials: list) -> None:

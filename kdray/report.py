@@ -40,8 +40,9 @@ PLOTS = {
     "curves": "validation accuracy per epoch of every trial",
     "confusion": "test confusion matrices, teacher and student",
     "latency_size": "latency at batch 1 and size, every benchmarked model",
-    "latency": "validation accuracy vs batch-1 latency of every trial (when the student's shape was searched)",
 }
+#: Drawn only when the search timed its student shapes (`space.keep_layers` or a latency budget).
+SHAPE_PLOTS = {"latency": "validation accuracy vs batch-1 latency of every trial"}
 
 
 # ----------------------------------------------------------------------------- results.json
@@ -119,8 +120,8 @@ def build_results(run_dir: Path) -> dict[str, Any]:
         "claims": claims(comparison, best[M.TRAINABLE_PARAMS], budget, cfg.get("final", {}),
                          final["teacher"][M.TEST_ACCURACY], variants["student"][M.TEST_ACCURACY]["mean"]),
         "error_analysis": final["error_analysis"],
-        "plots": {name: f"plots/{name}.png" for name in PLOTS
-                  if name != "latency" or any(r.get(M.LATENCY_MS) is not None for r in rows)},
+        "plots": {name: f"plots/{name}.png" for name in
+                  [*PLOTS, *(SHAPE_PLOTS if any(r.get(M.LATENCY_MS) is not None for r in rows) else [])]},
     }
 
 
@@ -590,7 +591,7 @@ def log_wandb(run_dir: Path, results: dict[str, Any], mode: str) -> str | None:
     errors = wandb.Table(columns=["bucket", "examples", "errors", "error_rate", "teacher_error_rate"])
     for b in results["error_analysis"]["buckets"]:
         errors.add_data(b["bucket"], b["examples"], b["errors"], b["error_rate"], b["teacher_error_rate"])
-    images = {f"plots/{p}": wandb.Image(str(run_dir / rel), caption=PLOTS[p]) for p, rel in results["plots"].items()}
+    images = {f"plots/{p}": wandb.Image(str(run_dir / rel), caption={**PLOTS, **SHAPE_PLOTS}[p]) for p, rel in results["plots"].items()}
     run.log({"comparison": table, "error_analysis": errors, **images})
     run.summary.update({M.TEST_ACCURACY: results["variants"]["student"][M.TEST_ACCURACY]["mean"],
                         "teacher/" + M.TEST_ACCURACY: results["teacher"][M.TEST_ACCURACY],

@@ -148,6 +148,11 @@ class TrialConfig:
         return f"{self.variant}/s{self.seed}"
 
 
+def shape_note(c: TrialConfig) -> str:
+    """` of 0,2,4` after the LoRA layers of a trial whose shape was searched, else nothing."""
+    return "" if c.keep_layers is None else f" of {shape_text(c.keep_layers)}"
+
+
 def status_counts(rows: list[dict]) -> dict[str, int]:
     """Trials per status: completed, stopped early, failed."""
     return {s: sum(r["status"] == s for r in rows) for s in STATUSES}

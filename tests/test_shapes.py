@@ -97,7 +97,7 @@ def test_measure_times_each_shape_caches_it_and_refuses_a_budget_no_shape_meets(
 
 
 def test_a_shape_search_under_a_latency_budget_never_trains_the_slow_shape(ray_cluster, tmp_path):
-    """End to end, as a user runs it: `kdray search --latency-budget MS` over two shapes. The
+    """End to end, as a user runs it: `kdray search --latency-budget MS` over two shapes, final stage and report. The
     latencies are measured first (and cached, so the search reads the very same numbers) and the
     budget falls between them: the slower shape is rejected before any trial, Optuna is told."""
     import os
@@ -116,12 +116,13 @@ def test_a_shape_search_under_a_latency_budget_never_trains_the_slow_shape(ray_c
     limit = (fast.latency_ms + slow.latency_ms) / 2
     overrides = [a for o in SHAPES for a in ("--set", o)]
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    r = subprocess.run([sys.executable, "-m", "kdray", "search", "--space", "smoke", *overrides, "--no-final", "--trials", "6",
+    r = subprocess.run([sys.executable, "-m", "kdray", "search", "--space", "smoke", *overrides, "--trials", "6",
                         "--latency-budget", f"{limit:.9f}", "--wandb", "disabled", "--output-dir", str(tmp_path),
                         "--address", ray_cluster.get_runtime_context().gcs_address],
                        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     assert "student shapes: batch-1 p50" in r.stdout and "(cached)" in r.stdout and "too slow: never trains" in r.stdout
+    assert f" all of {fast.text} " in r.stdout  # each trial's progress line names its shape
     rows = pq.read_table(tmp_path / "smoke" / "search" / "trials.parquet").to_pylist()
     assert len(rows) == 6
     assert {row[SHAPE_PARAM] for row in rows} == {fast.text}
@@ -134,3 +135,12 @@ def test_a_shape_search_under_a_latency_budget_never_trains_the_slow_shape(ray_c
 
     best = yaml.safe_load((tmp_path / "smoke" / "best_config.yaml").read_text())
     assert best["student"]["keep_layers"] == fast.keep_layers  # the final stage retrains this shape
+    run = tmp_path / "smoke"
+    import json
+
+    from transformers import AutoConfig
+
+    assert AutoConfig.from_pretrained(run / "final" / "student").num_hidden_layers == len(fast.keep_layers)
+    results = json.loads((run / "results.json").read_text())
+    assert results["plots"]["latency"] == "plots/latency.png" and (run / "plots" / "latency.png").stat().st_size > 5_000
+    assert f"student shape: layers {fast.text} of the model" in (run / "report.md").read_text()
