@@ -13,7 +13,7 @@ import dataclasses
 import os
 import time
 import warnings
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import optuna
 import yaml
@@ -27,6 +27,9 @@ from kdray.config import RunConfig, SpaceConfig, StudentConfig, student_shapes, 
 from kdray.rundir import RunDir
 from kdray.trials import (LAYER_PREFIX, REJECTED_ATTR, REJECTED_WHY_ATTR, SHAPE_PARAM, TrialConfig, shape_text,
                           status_counts)
+
+if TYPE_CHECKING:
+    from kdray.shapes import ShapeTable
 
 METRIC, MODE = M.VAL_ACCURACY, "max"
 
@@ -300,7 +303,7 @@ class SearchResult:
 
 
 def run_search(cfg: RunConfig, task: Any, run: RunDir, n_layers: int, *, resume: bool = False,
-               wandb: Any = None, shapes: Any = None) -> SearchResult:
+               wandb: Any = None, shapes: ShapeTable | None = None) -> SearchResult:
     """Teacher (cached), then the Tune search over `task` (the data stage's `TaskData`); writes
     trials.parquet and best_config.yaml. Ray must be running (`kdray.cluster.init_ray`);
     `wandb` is `wandb_callback`'s, made before Ray started (or None); `shapes` the measured
