@@ -179,6 +179,10 @@ class TeacherConfig(TrainableModelConfig):
     """`full` fine-tune, or `lora` for large teachers."""
     fine_tuned: bool = False
     """The model is already fine-tuned on this task: evaluate it and compute its logits only."""
+    all_train_data: bool = False
+    """Train on every labelled training row, also those `data.max_train_samples` holds back from
+    the students (a teacher worth distilling; cached, so only the first run pays). Its logits
+    cover those rows too."""
     train: TrainConfig = field(default_factory=lambda: TrainConfig(epochs=2, learning_rate=5e-5, alpha=1.0))
     """How the teacher is fine-tuned (alpha is always 1: labels only)."""
     resources: ResourcesConfig | None = None

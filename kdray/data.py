@@ -75,6 +75,12 @@ class TaskData:
     """The test split (`datasets.Dataset`); read it through `read_test`."""
     test_reads: list[str] = field(default_factory=list)
     """Who opened the test split, in order."""
+    rest: Any = None
+    """The labelled training rows `data.max_train_samples` held back from the students
+    (`datasets.Dataset`, same columns as train), or None when nothing was held back. A teacher
+    with `all_train_data` trains on train + rest."""
+    rest_fingerprint: str | None = None
+    """Hash of `rest`'s content (keys the caches built on it)."""
 
     @property
     def num_labels(self) -> int:
@@ -94,15 +100,21 @@ def load_data(cfg: DataConfig) -> TaskData:
     for split, df in frames.items():
         _check_texts(df, where[split], cfg)
     frames = _complete_splits(frames, cfg, len(label_names), where)
+    train_before_cap = frames["train"]
     frames = _subsample(frames, cfg)
+    rest = train_before_cap[~train_before_cap["example_id"].isin(frames["train"]["example_id"])].reset_index(drop=True)
     from datasets import Dataset, DatasetDict
 
     dd = DatasetDict({s: Dataset.from_pandas(frames[s], preserve_index=False) for s in SELECTION_SPLITS})
     fp = _content_fingerprint(frames, label_names)
     sizes = " / ".join(f"{s} {len(frames[s]):,}" for s in SPLITS)
     desc = f"{cfg.source if cfg.train_file is None else cfg.train_file}: {sizes}, {len(label_names)} labels"
+    held_back = {}
+    if len(rest):
+        held_back = {"rest": Dataset.from_pandas(rest, preserve_index=False),
+                     "rest_fingerprint": _content_fingerprint({"rest": rest}, label_names, ("rest",))}
     return TaskData(splits=dd, label_names=label_names, fingerprint=fp, description=desc,
-                    sealed_test=Dataset.from_pandas(frames["test"], preserve_index=False))
+                    sealed_test=Dataset.from_pandas(frames["test"], preserve_index=False), **held_back)
 
 
 # ----------------------------------------------------------------------------- reading
@@ -456,10 +468,10 @@ def _subsample(frames: dict[str, pd.DataFrame], cfg: DataConfig) -> dict[str, pd
     return frames
 
 
-def _content_fingerprint(frames: dict[str, pd.DataFrame], label_names: list[str]) -> str:
+def _content_fingerprint(frames: dict[str, pd.DataFrame], label_names: list[str], splits: tuple = SPLITS) -> str:
     h = hashlib.sha256()
     h.update(repr(label_names).encode())
-    for split in SPLITS:
+    for split in splits:
         df = frames[split]
         h.update(split.encode())
         h.update(pd.util.hash_pandas_object(df, index=False).to_numpy().tobytes())
@@ -475,9 +487,10 @@ def _few(items: list, n: int = 5) -> str:
 
 
 def tokenize(task: TaskData, tokenizer: Any, max_length: int, cache_dir: str | os.PathLike | None = None,
-             *, test: Any = None) -> tuple[Any, bool]:
+             *, test: Any = None, rest: bool = False) -> tuple[Any, bool]:
     """Tokenize train and validation once per (tokenizer, max_length, data); cached as Arrow.
-    With `test` (the split `task.read_test` returned), that split instead, as `"test"`.
+    With `test` (the split `task.read_test` returned), that split instead, as `"test"`; with
+    `rest`, the held-back training rows (`task.rest`), as `"rest"`.
 
     Returns `(DatasetDict, cache_hit)`. Columns: input_ids, attention_mask (token_type_ids where
     the tokenizer makes them), label, example_id, length. No padding: batches pad dynamically.
@@ -485,7 +498,10 @@ def tokenize(task: TaskData, tokenizer: Any, max_length: int, cache_dir: str | o
     import datasets
 
     splits = task.splits if test is None else datasets.DatasetDict({"test": test})
-    key = fingerprint("tokenized", task.fingerprint, tokenizer_identity(tokenizer), max_length, list(splits))
+    if rest:
+        splits = datasets.DatasetDict({"rest": task.rest})
+    key = fingerprint("tokenized", task.fingerprint, tokenizer_identity(tokenizer), max_length, list(splits),
+                      *([task.rest_fingerprint] if rest else []))
     pair = "text_pair" in task.splits["train"].column_names
 
     def build(tmp: Path) -> None:

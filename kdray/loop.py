@@ -87,6 +87,12 @@ class Split:
     def __len__(self) -> int:
         return len(self.input_ids)
 
+    def concat(self, other: "Split") -> "Split":
+        """This split's rows followed by `other`'s (the teacher's train + held-back rows)."""
+        tt = None if self.token_type_ids is None else self.token_type_ids + other.token_type_ids
+        return Split(self.input_ids + other.input_ids, np.concatenate([self.labels, other.labels]),
+                     np.concatenate([self.example_ids, other.example_ids]), tt)
+
     @property
     def lengths(self) -> np.ndarray:
         return np.fromiter((len(x) for x in self.input_ids), dtype=np.int64, count=len(self))

@@ -57,8 +57,17 @@ class TeacherResult:
 
 
 def teacher_fingerprint(cfg: RunConfig, task: TaskData, tokenizer: Any) -> str:
-    return fingerprint("teacher-v1", to_dict(cfg.teacher), task.fingerprint, tokenizer_identity(tokenizer),
-                       cfg.data.max_length, cfg.seed)
+    # `all_train_data` enters the key only when it changes what trains: teachers cached before
+    # the field existed keep their keys.
+    spec = {k: v for k, v in to_dict(cfg.teacher).items() if k != "all_train_data"}
+    extra = [("all_train_data", task.rest_fingerprint)] if _uses_rest(cfg, task) else []
+    return fingerprint("teacher-v1", spec, task.fingerprint, tokenizer_identity(tokenizer),
+                       cfg.data.max_length, cfg.seed, *extra)
+
+
+def _uses_rest(cfg: RunConfig, task: TaskData) -> bool:
+    """The teacher trains on the rows `data.max_train_samples` holds back from the students."""
+    return cfg.teacher.all_train_data and task.rest is not None and not cfg.teacher.fine_tuned
 
 
 def prepare_teacher(cfg: RunConfig, task: TaskData, *, storage_path: str | Path | None = None,
@@ -73,7 +82,8 @@ def prepare_teacher(cfg: RunConfig, task: TaskData, *, storage_path: str | Path 
 
     def build(tmp: Path) -> None:
         say(f"teacher: no cached teacher {key}; {'evaluating' if cfg.teacher.fine_tuned else 'fine-tuning'} "
-            f"{cfg.teacher.name or 'the inline config'} on {task.description}")
+            f"{cfg.teacher.name or 'the inline config'} on {task.description}"
+            + (f", plus the {len(task.rest):,} training rows the students do not see" if _uses_rest(cfg, task) else ""))
         _train_on_ray(cfg, task, tokenizer, tmp, storage_path, key)
         tokenizer.save_pretrained(tmp / MODEL_DIR)
 
@@ -95,7 +105,11 @@ def _train_on_ray(cfg: RunConfig, task: TaskData, tokenizer: Any, out: Path, sto
     from kdray.loop import DistillData, DistillJob, Split
 
     tokenized, _ = tokenize(task, tokenizer, cfg.data.max_length, cfg.cache_dir)
-    data = DistillData(Split.from_dataset(tokenized["train"]), Split.from_dataset(tokenized["validation"]))
+    rows = Split.from_dataset(tokenized["train"])
+    if _uses_rest(cfg, task):
+        held_back, _ = tokenize(task, tokenizer, cfg.data.max_length, cfg.cache_dir, rest=True)
+        rows = rows.concat(Split.from_dataset(held_back["rest"]))
+    data = DistillData(rows, Split.from_dataset(tokenized["validation"]))
     train = dataclasses.replace(cfg.teacher.train, alpha=1.0, teacher_logits="cached")
     job = DistillJob(cfg.teacher, train, task.label_names, tokenizer.pad_token_id, cfg.seed)
     init_ray()
@@ -145,7 +159,8 @@ def teacher_entry(job: Any, data: Any, worker: Any) -> None:
     logits_seconds = time.perf_counter() - t1
     record = {**val, "train_seconds": train_seconds, "logits_seconds": logits_seconds, "workers": world,
               "device": str(device), "epochs": 0 if job.model.fine_tuned else job.train.epochs,
-              "label_names": job.label_names, "model": job.model.name or "inline config"}
+              "label_names": job.label_names, "model": job.model.name or "inline config",
+              "train_examples": len(data.train)}
     with tempfile.TemporaryDirectory(prefix="kdray-teacher-") as tmp:
         if rank == 0:
             model.save_pretrained(Path(tmp) / MODEL_DIR, safe_serialization=True)

@@ -63,3 +63,32 @@ def test_lora_teacher_is_saved_merged_and_reloads_with_the_same_logits(tmp_path)
     with torch.no_grad():
         after = reloaded(input_ids=ids).logits
     assert torch.allclose(before, after, atol=1e-5)
+
+
+def test_a_teacher_on_all_training_data_also_trains_on_the_rows_the_students_never_see(ray_cluster, tmp_path):
+    from kdray.models import load_tokenizer
+    from kdray.teacher import teacher_fingerprint
+
+    base = ["data.max_train_samples=256", "data.max_validation_samples=64", "teacher.train.epochs=1",
+            f"cache_dir={tmp_path / 'cache'}"]
+    cfg = load_config("smoke", base + ["teacher.all_train_data=true"])
+    task = load_data(cfg.data)
+    train_ids = set(task.splits["train"]["example_id"])
+    rest_ids = set(task.rest["example_id"])
+    # The held-back rows: every training row the cap left out, none of validation's or test's.
+    assert len(train_ids) == 256 and len(rest_ids) > 1000 and not train_ids & rest_ids
+    assert not rest_ids & set(task.splits["validation"]["example_id"])
+    capped = load_config("smoke", base)
+    tok = load_tokenizer(cfg.teacher)
+    assert teacher_fingerprint(cfg, task, tok) != teacher_fingerprint(capped, task, tok)
+
+    teacher = prepare_teacher(cfg, task, storage_path=tmp_path / "train", log=False)
+    assert teacher.record["train_examples"] == len(train_ids) + len(rest_ids)
+    logits = TeacherLogits.from_parquet(teacher.logits_path, "train")
+    assert set(logits.example_ids.tolist()) == train_ids | rest_ids  # the students' rows are all there
+    # Without held-back rows the flag changes nothing, so the key is the plain teacher's.
+    whole = load_config("smoke", ["data.max_train_samples=null", "teacher.all_train_data=true"])
+    plain = load_config("smoke", ["data.max_train_samples=null"])
+    whole_task = load_data(whole.data)
+    assert whole_task.rest is None
+    assert teacher_fingerprint(whole, whole_task, tok) == teacher_fingerprint(plain, whole_task, tok)
