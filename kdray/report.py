@@ -205,7 +205,6 @@ def make_plots(run_dir: Path, results: dict[str, Any]) -> dict[str, str]:
     best = results["search"]["best"]
     budget = results["run"]["budget"]
     skipped: dict[str, str] = {}
-    colors = STATUS_COLORS
 
     scored = [r for r in rows if r["best_val_accuracy"] is not None]
     chosen = next((r for r in scored if r["trial_id"] == best["trial_id"]), None)
@@ -216,9 +215,8 @@ def make_plots(run_dir: Path, results: dict[str, Any]) -> dict[str, str]:
     ax.set_title("Search: accuracy vs trainable parameters")
     ax.legend(fontsize=8, loc="best")
     _save(fig, out / "pareto.png")
-    timed = [r for r in scored if r.get(M.LATENCY_MS) is not None]
-    if timed:  # the student's shape was searched (or its latency budgeted): accuracy vs speed
-        fig, ax = _front(plt, timed, M.LATENCY_MS, chosen)
+    if "latency" in results["plots"]:  # the student's shapes were timed: accuracy vs speed
+        fig, ax = _front(plt, [r for r in scored if r.get(M.LATENCY_MS) is not None], M.LATENCY_MS, chosen)
         ax.set_xlabel("batch-1 latency, ms (p50, measured before the search)")
         ax.set_title("Search: accuracy vs latency (each student shape)")
         ax.legend(fontsize=8, loc="best")
@@ -247,7 +245,7 @@ def make_plots(run_dir: Path, results: dict[str, Any]) -> dict[str, str]:
         if not acc:
             continue
         chosen = r["trial_id"] == best["trial_id"]
-        ax.plot(range(1, len(acc) + 1), acc, marker="o", c="black" if chosen else colors.get(r["status"], "gray"),
+        ax.plot(range(1, len(acc) + 1), acc, marker="o", c="black" if chosen else STATUS_COLORS.get(r["status"], "gray"),
                 lw=2.5 if chosen else 1, alpha=0.8, zorder=4 if chosen else 2)
         if r["status"] == "stopped early":
             ax.scatter([len(acc)], [acc[-1]], marker="x", s=80, c="black", zorder=5)
@@ -255,8 +253,8 @@ def make_plots(run_dir: Path, results: dict[str, Any]) -> dict[str, str]:
     ax.set_xlabel("epoch")
     ax.set_ylabel("validation accuracy")
     ax.set_title("Validation accuracy per epoch of every trial")
-    ax.legend(handles=[Line2D([], [], c=colors["completed"], marker="o", label="completed"),
-                       Line2D([], [], c=colors["stopped early"], marker="o", label="stopped early (x: ASHA)"),
+    ax.legend(handles=[Line2D([], [], c=STATUS_COLORS["completed"], marker="o", label="completed"),
+                       Line2D([], [], c=STATUS_COLORS["stopped early"], marker="o", label="stopped early (x: ASHA)"),
                        Line2D([], [], c="black", lw=2.5, marker="o", label="chosen")], fontsize=8, loc="best")
     _save(fig, out / "curves.png")
 
@@ -457,7 +455,7 @@ def render_markdown(results: dict[str, Any], skipped: dict[str, str]) -> str:
            best["student"] else "") + ".",
         "",
     ]
-    timed = any(r.get(M.LATENCY_MS) is not None for r in search["trials_table"])
+    timed = "latency" in results["plots"]
     shape_cols = ("| shape | ms (batch 1) ", "|---|---") if timed else ("", "")
     lines += [f"| trial | alpha | T | lr | r | modules | layers {shape_cols[0]}| trainable params | best val acc | epochs "
               f"| status |", f"|---|---|---|---|---|---|---{shape_cols[1]}|---|---|---|---|"]

@@ -58,9 +58,6 @@ class ShapeTable:
     limit_ms: float | None = None
     """The slowest batch-1 latency allowed (the latency budget, or the teacher's over the speed-up)."""
 
-    def allowed(self) -> set[str | None]:
-        return {s.text for s in self.shapes if s.fits}
-
 
 def interleaved_latency(models: dict[str, tuple[Any, list[dict]]], runs: int, sync: Any = None) -> dict[str, list[float]]:
     """Batch-1 latency in ms: `runs` timed forward passes per model over its own `inputs`, every
@@ -101,11 +98,12 @@ def measure(cfg: RunConfig, task: Any) -> ShapeTable:
 
     path, hit = cached_dir("latency", key, build, cfg.cache_dir)
     ms = json.loads((path / "latency.json").read_text())
+    limit = _limit_ms(cfg, ms["teacher"])
     table = []
     for shape in shapes:
         latency = ms["shapes"][str(shape_text(shape))]
-        table.append(Shape(shape, latency, _param_range(cfg, task.num_labels, shape), _fits(cfg, latency, ms["teacher"])))
-    result = ShapeTable(table, ms["teacher"], device_name(device), hit, _limit_ms(cfg, ms["teacher"]))
+        table.append(Shape(shape, latency, _param_range(cfg, task.num_labels, shape), limit is None or latency <= limit))
+    result = ShapeTable(table, ms["teacher"], device_name(device), hit, limit)
     if not any(s.fits for s in table):
         field = "search.latency_budget_ms" if cfg.search.latency_budget_ms is not None else "search.min_speedup"
         measured = ", ".join(f"{s.text or 'as configured'}: {s.latency_ms:.2f} ms" for s in table)
@@ -120,11 +118,6 @@ def _limit_ms(cfg: RunConfig, teacher_ms: float) -> float | None:
     limits = [se.latency_budget_ms] if se.latency_budget_ms is not None else []
     limits += [teacher_ms / se.min_speedup] if se.min_speedup is not None else []
     return min(limits) if limits else None
-
-
-def _fits(cfg: RunConfig, latency_ms: float, teacher_ms: float) -> bool:
-    limit = _limit_ms(cfg, teacher_ms)
-    return limit is None or latency_ms <= limit
 
 
 def _budget_text(cfg: RunConfig) -> str:

@@ -72,30 +72,25 @@ class BudgetedSpace:
         if sp.keep_layers:
             trial.suggest_categorical(SHAPE_PARAM, [shape_text(shape) for shape in sp.keep_layers])
         choice = TrialConfig.from_params(trial.params)
-        if not choice.lora.layers and choice.lora.layers is not None:
-            n, feasible = 0, False  # no layer chosen: not a LoRA student at all
-        else:
-            n = count(choice.student(self.student), self.num_labels)
-            feasible = n <= self.budget
-        # Feasible when <= 0: trainable parameters over budget (an empty layer set counts as over).
+        # No layer chosen is not a LoRA student at all: it counts as over budget.
+        no_layer = not choice.lora.layers and choice.lora.layers is not None
+        n = 0 if no_layer else count(choice.student(self.student), self.num_labels)
+        # Feasible when <= 0: trainable parameters over budget.
         trial.set_constraint("budget", float(n - self.budget) if n else 1.0)
         trial.set_user_attr(M.TRAINABLE_PARAMS, n)
         out: dict[str, Any] = {M.TRAINABLE_PARAMS: n}
         latency = self.latency.get(shape_text(choice.keep_layers))
+        too_slow = latency is not None and self.limit_ms is not None and latency > self.limit_ms
         if latency is not None:
             trial.set_user_attr(M.LATENCY_MS, latency)
             out[M.LATENCY_MS] = latency
-            if self.limit_ms is not None:
-                # Feasible when <= 0: milliseconds over the latency budget.
+            if self.limit_ms is not None:  # feasible when <= 0: milliseconds over the latency budget
                 trial.set_constraint("latency", latency - self.limit_ms)
-                if latency > self.limit_ms:
-                    feasible = False
-                    trial.set_user_attr(REJECTED_WHY_ATTR, "latency")
-        if n > self.budget or not n:
-            trial.set_user_attr(REJECTED_WHY_ATTR, "budget")
-        if not feasible:
+        over_budget = no_layer or n > self.budget
+        if over_budget or too_slow:
             trial.set_user_attr(REJECTED_ATTR, True)
-        return {**out, "feasible": feasible}
+            trial.set_user_attr(REJECTED_WHY_ATTR, "budget" if over_budget else "latency")
+        return {**out, "feasible": not (over_budget or too_slow)}
 
 
 class BudgetedOptunaSearch(OptunaSearch):

@@ -15,7 +15,8 @@ from typing import Any
 from kdray import metrics as M
 from kdray.config import LoraChoice, TrainableModelConfig
 
-#: An Optuna trial's user attribute: the sample was over budget (or chose no layer) and never trained.
+#: An Optuna trial's user attribute: the sample was infeasible (over budget, no layer, or a too-slow
+#: shape) and never trained.
 REJECTED_ATTR = "kdray_rejected"
 #: Why it was rejected: `budget` (over the parameter budget, or no layer) or `latency` (a too-slow shape).
 REJECTED_WHY_ATTR = "kdray_rejected_why"
