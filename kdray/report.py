@@ -143,6 +143,12 @@ SEED_CLAIMS = (
 )
 
 
+def _teacher_rows(teacher: dict[str, Any]) -> str:
+    # Runs from before the record kept it, and fine-tuned teachers (epochs 0), say nothing.
+    n = teacher.get("train_examples")
+    return f", fine-tuned on {n:,} labelled rows" if n and teacher.get("epochs") else ""
+
+
 def claims(comparison: dict[str, Any], trainable: int, budget: int, final_cfg: dict[str, Any],
            teacher_acc: float, student_acc: float) -> list[dict[str, Any]]:
     """The claims a run is checked against: target, measured, holds (None where not measured)."""
@@ -420,7 +426,8 @@ def render_markdown(results: dict[str, Any], skipped: dict[str, str]) -> str:
     lines = [
         f"# kdray report: {run['name']}",
         "",
-        f"Data: {run['data']['description']}. Teacher: {run['teacher_model']}. Student: {run['student_model']}, "
+        f"Data: {run['data']['description']}. Teacher: {run['teacher_model']}{_teacher_rows(teacher)}. "
+        f"Student: {run['student_model']}, "
         f"budget {run['budget']:,} trainable parameters.{_truncation_sentence(run['data'])}",
         "",
         f"**The student keeps {100 * s_acc['mean']:.1f}% test accuracy against the teacher's "

@@ -44,6 +44,9 @@ class TeacherResult:
     """Validation metrics, timings, what it was built from."""
     cache_hit: bool
     """True when this call found the entry and trained nothing."""
+    transfer_logits_path: Path | None = None
+    """Parquet like `logits_path`, split `transfer`: the teacher's logits on the transfer set
+    (`data.unlabeled`) where its own logits do not cover it; None otherwise."""
 
     @property
     def model_dir(self) -> Path:
@@ -94,7 +97,44 @@ def prepare_teacher(cfg: RunConfig, task: TaskData, *, storage_path: str | Path 
     else:
         say(f"teacher: cached at {path}: val accuracy {record[M.VAL_ACCURACY]:.4f}, "
             f"trained in {record['train_seconds']:.0f}s, logits in {record['logits_seconds']:.0f}s")
-    return TeacherResult(path, record, hit)
+    result = TeacherResult(path, record, hit)
+    if task.transfer is not None:
+        result.transfer_logits_path = _transfer_logits(cfg, task, tokenizer, result, key, say)
+    return result
+
+
+def _transfer_logits(cfg: RunConfig, task: TaskData, tokenizer: Any, teacher: TeacherResult, key: str,
+                     say: Any) -> Path | None:
+    """The teacher's logits on the transfer set, computed once and cached beside the teacher's
+    (a new transfer set never retrains the teacher). None when the teacher's own logits cover it:
+    `rest` with `all_train_data`. Computed in this process, on its GPU if it has one, else its CPUs."""
+    import pyarrow.parquet as pq
+    import torch
+
+    from kdray.loop import Split, predict_logits, write_logits
+    from kdray.models import from_pretrained_dir
+
+    tokenized, _ = tokenize(task, tokenizer, cfg.data.max_length, cfg.cache_dir, extra="transfer")
+    rows = Split.from_dataset(tokenized["transfer"])
+    have = pq.read_table(teacher.logits_path, columns=["example_id"])["example_id"].to_numpy()
+    if np.isin(rows.example_ids, have).all():
+        return None
+
+    def build(tmp: Path) -> None:
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        say(f"teacher: labelling the transfer set ({len(rows):,} rows) on {device.type}")
+        t0 = time.perf_counter()
+        model = from_pretrained_dir(teacher.model_dir).to(device)
+        logits = predict_logits(model, rows, cfg.teacher.train.eval_batch_size, tokenizer.pad_token_id, device,
+                                progress=_progress("teacher logits (transfer)"))
+        write_logits(tmp / LOGITS_FILE, {"transfer": (rows.example_ids, logits)})
+        say(f"teacher: transfer set labelled in {time.perf_counter() - t0:.0f}s")
+
+    path, hit = cached_dir("transfer-logits", fingerprint("transfer-logits-v1", key, task.transfer_fingerprint),
+                           build, root=cache_root(cfg.cache_dir))
+    if hit:
+        say(f"teacher: transfer-set logits cached at {path}")
+    return path / LOGITS_FILE
 
 
 def _train_on_ray(cfg: RunConfig, task: TaskData, tokenizer: Any, out: Path, storage_path: Any, key: str) -> None:
@@ -107,7 +147,7 @@ def _train_on_ray(cfg: RunConfig, task: TaskData, tokenizer: Any, out: Path, sto
     tokenized, _ = tokenize(task, tokenizer, cfg.data.max_length, cfg.cache_dir)
     rows = Split.from_dataset(tokenized["train"])
     if _uses_rest(cfg, task):
-        held_back, _ = tokenize(task, tokenizer, cfg.data.max_length, cfg.cache_dir, rest=True)
+        held_back, _ = tokenize(task, tokenizer, cfg.data.max_length, cfg.cache_dir, extra="rest")
         rows = rows.concat(Split.from_dataset(held_back["rest"]))
     data = DistillData(rows, Split.from_dataset(tokenized["validation"]))
     train = dataclasses.replace(cfg.teacher.train, alpha=1.0, teacher_logits="cached")

@@ -104,6 +104,13 @@ CASES = [
     Case("data-encoding", [*SEARCH, *CSV, "--set", "data.encoding=nosuchcodec"], ["data.encoding", "nosuchcodec"],
          files={"reviews.csv": GOOD_CSV}),
     Case("data-zero-samples", [*SEARCH, "--set", "data.max_train_samples=0"], ["data.max_train_samples"]),
+    Case("data-unlabeled-nothing-held-back", [*SEARCH, "--set", "data.unlabeled=rest", "--set",
+                                              "data.max_train_samples=null"],
+         ["data.unlabeled", "holds back no training rows", "data.max_train_samples"]),
+    Case("data-unlabeled-missing-file", [*SEARCH, "--set", "data.unlabeled=pool.csv"],
+         ["pool.csv", "no such file", "data.unlabeled"]),
+    Case("data-unlabeled-zero-samples", [*SEARCH, "--set", "data.unlabeled=rest", "--set",
+                                         "data.max_unlabeled_samples=0"], ["data.max_unlabeled_samples", "at least 1"]),
     # --- models
     Case("student-missing-dir", ["search", "--set", "student.name=./no-model"], ["student.name", "no-model"]),
     Case("teacher-missing-dir", ["search", "--set", "teacher.name=./no-model"], ["teacher.name", "no-model"]),

@@ -8,7 +8,8 @@ import pandas as pd
 import pytest
 
 from kdray.config import DataConfig
-from kdray.data import SPLITS, _select_columns, from_hub_dataset, load_data, tokenize
+from kdray.data import (SPLITS, TRANSFER_ID_BASE, UNLABELED, _select_columns, from_hub_dataset, load_data,
+                        tokenize)
 from kdray.errors import UserError
 from kdray.models import load_tokenizer
 from kdray.config import ModelConfig
@@ -69,6 +70,37 @@ def test_subsampling_train_leaves_validation_and_test_alone():
     assert set(list(small.splits["train"]["example_id"])) <= set(list(full.splits["train"]["example_id"]))
     assert list(split_of(small, "test")["example_id"]) == list(split_of(full, "test")["example_id"])
     assert label_share(small.splits["train"]).tolist() == [0.5, 0.5]
+
+
+def test_transfer_set_from_the_held_back_rows_is_unlabeled_capped_and_seeded():
+    task = load_data(DataConfig(max_train_samples=500, unlabeled="rest", max_unlabeled_samples=1000))
+    transfer = task.transfer.to_pandas()
+    assert len(transfer) == 1000 and set(transfer["label"]) == {UNLABELED}  # the labels are never used
+    ids = set(transfer["example_id"])
+    assert ids <= set(task.rest["example_id"])  # the rows max_train_samples held back ...
+    assert not ids & set(task.splits["train"]["example_id"])  # ... so none the students train on
+    # None with a validation or test text either (a source may repeat a sentence).
+    assert not set(transfer["text"].str.strip()) & {t.strip() for s in ("validation", "test")
+                                                     for t in split_of(task, s)["text"]}
+    assert load_data(DataConfig(max_train_samples=500, unlabeled="rest", max_unlabeled_samples=1000)
+                     ).transfer_fingerprint == task.transfer_fingerprint
+    assert task.fingerprint == load_data(DataConfig(max_train_samples=500)).fingerprint  # the labelled splits
+    assert "transfer set 1,000 unlabeled rows (rest)" in task.description
+
+
+def test_transfer_set_from_a_file_needs_no_labels_and_drops_validation_and_test_texts(tmp_path):
+    cfg = DataConfig(source=write_csv(tmp_path, make_rows(60)))
+    task = load_data(cfg)
+    leaked = [split_of(task, "test")["text"][0], split_of(task, "validation")["text"][0]]
+    pool = tmp_path / "pool.jsonl"
+    pool.write_text("".join(json.dumps({"text": t}) + "\n" for t in ["raw text one", "raw text two", *leaked]))
+    with_pool = load_data(DataConfig(source=cfg.source, unlabeled=str(pool)))
+    transfer = with_pool.transfer.to_pandas()
+    assert transfer["text"].tolist() == ["raw text one", "raw text two"]
+    assert transfer["example_id"].min() >= TRANSFER_ID_BASE and set(transfer["label"]) == {UNLABELED}
+    assert "2 dropped as validation or test texts" in with_pool.description
+    with pytest.raises(UserError, match="holds back no training rows"):
+        load_data(DataConfig(source=cfg.source, unlabeled="rest"))
 
 
 #: Sentences in the Financial PhraseBank's own format (`sentence@label`, one per line), written

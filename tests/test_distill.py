@@ -59,6 +59,21 @@ def test_temperature_squared_factor_and_mix(temperature):
     assert loss.item() == pytest.approx(0.3 * F.cross_entropy(S, Y).item() + 0.7 * temperature**2 * kl, rel=1e-5)
 
 
+def test_unlabeled_rows_count_in_kd_only():
+    """Transfer rows (label -1): CE averages over the labelled rows, KD over every row."""
+    S3 = torch.cat([S, torch.tensor([[2.0, 0.0, -1.0]])])
+    T3 = torch.cat([T, torch.tensor([[0.0, 1.0, 0.0]])])
+    loss, ce, kd = kd_loss(S3, torch.tensor([0, 2, -1]), T3, alpha=0.3, temperature=2.0)
+    p, q = softmax(T3, 2.0), softmax(S3, 2.0)
+    kl = float(np.mean(np.sum(p * (np.log(p) - np.log(q)), axis=-1)))  # all three rows
+    assert ce.item() == pytest.approx(F.cross_entropy(S, Y).item(), rel=1e-6)  # the two labelled rows
+    assert kd.item() == pytest.approx(4.0 * kl, rel=1e-5)
+    assert loss.item() == pytest.approx(0.3 * ce.item() + 0.7 * 4.0 * kl, rel=1e-5)
+    # A batch of transfer rows only: no hard-label term at all (not 0/0).
+    loss, ce, kd = kd_loss(S, torch.tensor([-1, -1]), T, alpha=0.3, temperature=1.0)
+    assert ce.item() == 0.0 and loss.item() == pytest.approx(0.7 * 0.64696, abs=1e-5)
+
+
 @pytest.mark.parametrize("temperature", [1.0, 2.0, 5.0, 10.0, 20.0])
 def test_gradients_finite_across_temperatures(temperature):
     s = (torch.randn(8, 4, generator=torch.Generator().manual_seed(0)) * 30).requires_grad_()
@@ -127,6 +142,23 @@ def test_missing_logits_are_a_clear_error(smoke):
     table = TeacherLogits(train.example_ids[:10], np.zeros((10, 2), np.float32))
     with pytest.raises(KeyError, match="no teacher logits for example_id"):
         table.lookup(train.example_ids[10:12])
+
+
+def test_kd_runs_pass_over_the_transfer_set_and_no_kd_runs_never_see_it(smoke):
+    cfg, task, tok, train, val = smoke
+    transfer = Split(val.input_ids, np.full(len(val), -1), val.example_ids + 10**9, val.token_type_ids)  # unlabeled
+    teacher = build_model(cfg.teacher, 2, seed=3).eval()
+    both = train.concat(transfer)
+    table = TeacherLogits(both.example_ids, predict_logits(teacher, both, 100, tok.pad_token_id, torch.device("cpu")))
+    data = DistillData(train, val, table, transfer=transfer)
+    seen = {}
+    for alpha in (0.5, 1.0):
+        job = DistillJob(cfg.student, dataclasses.replace(cfg.train, epochs=1, alpha=alpha), task.label_names,
+                         tok.pad_token_id)
+        rows = []
+        distill(job, data, lambda m, c: rows.append(m), log=False)
+        seen[alpha] = round(rows[0][M.SAMPLES_PER_S] * rows[0][M.EPOCH_SECONDS])  # examples the epoch trained on
+    assert seen == {0.5: len(train) + len(transfer), 1.0: len(train)}
 
 
 def test_non_finite_loss_stops_with_status_diverged(smoke):

@@ -23,7 +23,7 @@ def test_teacher_is_cached_and_invalidated_by_data_or_teacher_changes(ray_cluste
     table = pq.read_table(first.logits_path)
     assert table.column_names == ["example_id", "split", "logits"]
     for split in ("train", "validation"):
-        logits = TeacherLogits.from_parquet(first.logits_path, split)
+        logits = TeacherLogits.from_parquet(first.logits_path, split=split)
         assert sorted(logits.example_ids.tolist()) == sorted(task.splits[split]["example_id"])
         assert logits.logits.shape == (len(task.splits[split]), 2)
     assert "test" not in set(table["split"].to_pylist())  # the test split is never touched here
@@ -84,7 +84,7 @@ def test_a_teacher_on_all_training_data_also_trains_on_the_rows_the_students_nev
 
     teacher = prepare_teacher(cfg, task, storage_path=tmp_path / "train", log=False)
     assert teacher.record["train_examples"] == len(train_ids) + len(rest_ids)
-    logits = TeacherLogits.from_parquet(teacher.logits_path, "train")
+    logits = TeacherLogits.from_parquet(teacher.logits_path, split="train")
     assert set(logits.example_ids.tolist()) == train_ids | rest_ids  # the students' rows are all there
     # Without held-back rows the flag changes nothing, so the key is the plain teacher's.
     whole = load_config("smoke", ["data.max_train_samples=null", "teacher.all_train_data=true"])
@@ -92,3 +92,26 @@ def test_a_teacher_on_all_training_data_also_trains_on_the_rows_the_students_nev
     whole_task = load_data(whole.data)
     assert whole_task.rest is None
     assert teacher_fingerprint(whole, whole_task, tok) == teacher_fingerprint(plain, whole_task, tok)
+
+    # A transfer set never retrains the teacher. `rest` is covered by its own logits; a file is
+    # labelled once, by the same weights: its rows (here the held-back texts) get the same logits.
+    covered = load_config("smoke", base + ["teacher.all_train_data=true", "data.unlabeled=rest"])
+    covered_task = load_data(covered.data)
+    again = prepare_teacher(covered, covered_task, storage_path=tmp_path / "train", log=False)
+    assert again.cache_hit and again.path == teacher.path and again.transfer_logits_path is None
+    texts = covered_task.transfer.to_pandas()
+    pool = tmp_path / "pool.csv"
+    texts[["text"]].to_csv(pool, index=False)
+    from_file = load_config("smoke", base + ["teacher.all_train_data=true", f"data.unlabeled={pool}"])
+    file_task = load_data(from_file.data)
+    labelled = prepare_teacher(from_file, file_task, storage_path=tmp_path / "train", log=False)
+    assert labelled.cache_hit and labelled.transfer_logits_path is not None
+    by_file = TeacherLogits.from_parquet(labelled.transfer_logits_path, split="transfer")
+    assert sorted(by_file.example_ids.tolist()) == sorted(file_task.transfer["example_id"])
+    by_row = dict(zip(file_task.transfer["example_id"], texts["example_id"]))  # file row -> held-back row
+    import numpy as np
+
+    own = logits.lookup(np.array([by_row[i] for i in by_file.example_ids]))
+    assert np.allclose(by_file.logits, own, atol=1e-4)
+    cached = prepare_teacher(from_file, file_task, storage_path=tmp_path / "train", log=False)
+    assert cached.transfer_logits_path == labelled.transfer_logits_path
