@@ -96,7 +96,7 @@ def main(argv: list[str] | None = None) -> int:
 
     task = load_data(cfg.data)  # bad data exits 2 here, before torch, Ray or Tune is imported
     from kdray.budget import require_feasible
-    from kdray.cluster import init_ray
+    from kdray.cluster import init_ray, needs_dashboard
     from kdray.models import encoder_count
     from kdray.study import describe, run_search, summarize, wandb_callback
 
@@ -115,7 +115,7 @@ def main(argv: list[str] | None = None) -> int:
         describe_shapes(shapes, cfg)
     # Before Ray starts: WANDB_MODE is set for this process and the ones Ray starts.
     wandb = wandb_callback(wandb_mode, cfg, run)
-    init_ray(args.address)
+    init_ray(args.address, dashboard=needs_dashboard(cfg))
     result = run_search(cfg, task, run, n_layers, resume=args.resume, wandb=wandb, shapes=shapes)
     summarize(result, cfg)
     if wandb_mode == "offline":

@@ -290,3 +290,14 @@ def test_launch_readme_commands_are_accepted():
     block = text[text.index("ray job submit"):]
     block = block[:block.index("\n", block.index("kdray.search"))]
     check_search_command(search_args(block))
+
+
+def test_a_local_ray_starts_the_dashboard_only_for_worker_groups():
+    """The dashboard frees the placement groups of stopped several-worker trials (RAY_NOTES.md);
+    a run of one-worker trials starts none, so it skips the dashboard's ~4 s start-up."""
+    from kdray.cluster import needs_dashboard
+    from kdray.config import load_config
+
+    assert not needs_dashboard(load_config("default", []))  # the teacher's 2 CPUs are one worker
+    assert needs_dashboard(load_config("smoke", ["resources.workers=2"]))
+    assert needs_dashboard(load_config("smoke", ["teacher.resources={workers: 2, cpus_per_worker: 1}"]))
