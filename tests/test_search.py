@@ -147,3 +147,38 @@ def test_kill_after_first_completed_trial_then_resume_and_finish(ray_cluster, tm
         trained = {(r["epoch"], r[M.TRAIN_LOSS]) for r in results}
         assert sorted(trained) == sorted({(r["epoch"], r[M.TRAIN_LOSS]) for r in results[:2]}) and len(trained) == 2
         assert len([p for p in trial_dir.glob("checkpoint_*") if p.is_dir()]) == 2
+
+
+def test_rejected_samples_do_not_use_up_tpes_random_start_up():
+    """Rejected samples are told as PRUNED, which TPE counts toward its start-up. After ten
+    rejections and one trained trial, with a start-up of three trained trials, kdray's sampler
+    still samples at random (exactly what Optuna's RandomSampler with the same seed draws);
+    plain TPE has left its start-up and is already guided by the rejections."""
+    import optuna
+    from optuna.distributions import CategoricalDistribution, FloatDistribution
+
+    from kdray.study import TrainedStartupTPESampler
+    from kdray.trials import REJECTED_ATTR
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    dists = {"shape": CategoricalDistribution(["0,3", "0,2,4", "0,1,3,5"]), "lr": FloatDistribution(1e-4, 1e-2, log=True)}
+
+    def draws(sampler, n=3):
+        study = optuna.create_study(sampler=sampler, direction="maximize")
+        for i in range(10):
+            study.add_trial(optuna.trial.create_trial(state=optuna.trial.TrialState.PRUNED, distributions=dists,
+                                                      params={"shape": "0,1,3,5", "lr": 1e-3 * (1 + i / 10)},
+                                                      user_attrs={REJECTED_ATTR: True}))
+        study.add_trial(optuna.trial.create_trial(value=0.7, distributions=dists, params={"shape": "0,3", "lr": 2e-3}))
+        out = []
+        for _ in range(n):
+            trial = study.ask(dists)
+            out.append((trial.params["shape"], round(trial.params["lr"], 8)))
+            study.tell(trial, 0.5)
+        return out
+
+    random = draws(optuna.samplers.RandomSampler(seed=0))
+    ours = draws(TrainedStartupTPESampler(seed=0, n_startup_trials=3))
+    plain = draws(optuna.samplers.TPESampler(seed=0, n_startup_trials=3))
+    assert ours[:2] == random[:2]  # two more trained trials before TPE takes over
+    assert plain[:2] != random[:2]
