@@ -114,13 +114,13 @@ def _transfer_logits(cfg: RunConfig, task: TaskData, tokenizer: Any, teacher: Te
     from kdray.loop import Split, predict_logits, write_logits
     from kdray.models import from_pretrained_dir
 
-    tokenized, _ = tokenize(task, tokenizer, cfg.data.max_length, cfg.cache_dir, extra="transfer")
-    rows = Split.from_dataset(tokenized["transfer"])
     have = pq.read_table(teacher.logits_path, columns=["example_id"])["example_id"].to_numpy()
-    if np.isin(rows.example_ids, have).all():
+    if np.isin(task.transfer["example_id"], have).all():
         return None
 
     def build(tmp: Path) -> None:
+        tokenized, _ = tokenize(task, tokenizer, cfg.data.max_length, cfg.cache_dir, extra="transfer")
+        rows = Split.from_dataset(tokenized["transfer"])
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         say(f"teacher: labelling the transfer set ({len(rows):,} rows) on {device.type}")
         t0 = time.perf_counter()
