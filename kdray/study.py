@@ -158,9 +158,7 @@ class TrainedStartupTPESampler(optuna.samplers.TPESampler):
         self.trained_startup = n_startup_trials
 
     def before_trial(self, study: optuna.Study, trial: Any) -> None:
-        rejected = sum(1 for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.PRUNED,))
-                       if t.user_attrs.get(REJECTED_ATTR))
-        self._n_startup_trials = self.trained_startup + rejected  # TPESampler's own start-up count
+        self._n_startup_trials = self.trained_startup + rejected(study)  # TPESampler's own start-up count
         super().before_trial(study, trial)
 
 
@@ -261,9 +259,13 @@ def _depth(shape: list[int] | None) -> float:
     return float("inf") if shape is None else len(shape)
 
 
-def count_rejected(storage_url: str, study_name: str) -> int:
-    study = optuna.load_study(study_name=study_name, storage=_optuna_storage(storage_url))
+def rejected(study: optuna.Study) -> int:
+    """Samples the study was told were infeasible (they never trained)."""
     return sum(1 for t in study.get_trials(deepcopy=False) if t.user_attrs.get(REJECTED_ATTR))
+
+
+def count_rejected(storage_url: str, study_name: str) -> int:
+    return rejected(optuna.load_study(study_name=study_name, storage=_optuna_storage(storage_url)))
 
 
 # ----------------------------------------------------------------------------- the stage
