@@ -97,7 +97,7 @@ def bench_step(args: argparse.Namespace) -> dict:
     timed passes, so warm-up and slow drifts of the machine fall on neither side."""
     from kdray.config import TrainConfig
     from kdray.loop import (DeviceSplit, OnlineTeacher, TeacherLogits, autocast_for, backward_step, cached_teacher,
-                            forward_loss, make_batches, make_optimizer, predict_logits)
+                            forward_loss, make_batches, make_optimizer, predict_logits, resolve_precision)
     from kdray.models import build_model, build_student, count_trainable
 
     device = torch.device(args.device)
@@ -106,10 +106,10 @@ def bench_step(args: argparse.Namespace) -> dict:
     teacher = build_model(setup["teacher"], setup["num_labels"], device=device).eval()
     batches = make_batches(train.lengths, args.batch_size, shuffle=True, seed=0, epoch=0, group_by_length=True)[:args.steps]
     # The cached table holds exactly what the teacher stage would have written for these rows.
-    table = TeacherLogits(train.example_ids, predict_logits(teacher, train, 128, pad, device))
+    train_cfg = TrainConfig(alpha=0.5, batch_size=args.batch_size, precision=args.precision)
+    table = TeacherLogits(train.example_ids, predict_logits(teacher, train, 128, pad, device, precision=args.precision))
     resident = DeviceSplit(train, pad, device, table)
-    train_cfg = TrainConfig(alpha=0.5, batch_size=args.batch_size)
-    autocast = autocast_for(device)
+    autocast = autocast_for(device, args.precision)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     modes = {"cached": cached_teacher, "online": OnlineTeacher(teacher)}
     states = {}
@@ -143,7 +143,8 @@ def bench_step(args: argparse.Namespace) -> dict:
         "benchmark": "step",
         "settings": {"sizes": args.sizes, "models": setup["describe"],
                      "student_trainable_params": count_trainable(states["cached"][0]), "batch_size": args.batch_size,
-                     "steps": len(batches), "rounds": args.rounds, "order": "warm pass per mode, then ABAB"},
+                     "steps": len(batches), "rounds": args.rounds, "order": "warm pass per mode, then ABAB",
+                     "precision": args.precision, "precision_used": resolve_precision(device, args.precision)},
         "environment": _environment(device),
         "passes": results,
         "gpu_target": _gpu_target(device, "cached step >= 1.4x the online step, both warm",
@@ -163,7 +164,7 @@ def bench_eval(args: argparse.Namespace) -> dict:
     the sizes alternate (ABAB) over `--rounds` passes; the median pass counts."""
     from kdray.config import load_config
     from kdray.data import load_data, tokenize
-    from kdray.loop import DeviceSplit, Split, predict_logits
+    from kdray.loop import DeviceSplit, Split, predict_logits, resolve_precision
     from kdray.models import build_model, build_student, load_tokenizer
 
     cfg = load_config(args.space, args.overrides)
@@ -171,8 +172,9 @@ def bench_eval(args: argparse.Namespace) -> dict:
     device = torch.device(args.device)
     threads_before, roles = torch.get_num_threads(), {}
     teacher_res = cfg.teacher.resources or cfg.resources
-    for role, spec, cpus in (("student", cfg.student, cfg.resources.cpus_per_worker),
-                             ("teacher", cfg.teacher, teacher_res.cpus_per_worker)):
+    for role, spec, cpus, precision in (
+            ("student", cfg.student, cfg.resources.cpus_per_worker, cfg.train.precision),
+            ("teacher", cfg.teacher, teacher_res.cpus_per_worker, cfg.teacher.train.precision)):
         tok = load_tokenizer(spec)
         split = Split.from_dataset(tokenize(task, tok, cfg.data.max_length, cfg.cache_dir)[0]["validation"])
         resident = DeviceSplit(split, tok.pad_token_id, device)
@@ -184,9 +186,10 @@ def bench_eval(args: argparse.Namespace) -> dict:
         for _ in range(args.rounds + 1):  # the first round warms every size
             for b in passes:
                 t0 = time.perf_counter()
-                predict_logits(model, resident, b, tok.pad_token_id, device)
+                predict_logits(model, resident, b, tok.pad_token_id, device, precision=precision)
                 passes[b].append(time.perf_counter() - t0)
         roles[role] = {"threads": torch.get_num_threads(), "examples": len(split),
+                       "precision_used": resolve_precision(device, precision),
                        "seconds_median": {str(b): float(np.median(t[1:])) for b, t in passes.items()},
                        "pass_seconds": {str(b): t[1:] for b, t in passes.items()}}
     torch.set_num_threads(threads_before)
@@ -435,7 +438,7 @@ def run_peer(cfg: Any, task: Any, teacher: Any, n_layers: int, trials: int, out_
     import optuna
     from transformers import DataCollatorWithPadding, Trainer, TrainerCallback, TrainingArguments
 
-    from kdray.loop import kd_loss
+    from kdray.loop import kd_loss, resolve_precision
     from kdray.models import build_student, from_pretrained_dir, load_tokenizer
     from kdray.study import BudgetedSpace
     from kdray.trials import TrialConfig
@@ -499,7 +502,7 @@ def run_peer(cfg: Any, task: Any, teacher: Any, n_layers: int, trials: int, out_
                              per_device_eval_batch_size=cfg.train.eval_batch_size, weight_decay=cfg.train.weight_decay,
                              warmup_steps=cfg.train.warmup_ratio, max_grad_norm=cfg.train.max_grad_norm,
                              logging_strategy="no", disable_tqdm=True, seed=cfg.seed, use_cpu=device.type == "cpu",
-                             bf16=device.type == "cuda")
+                             bf16=resolve_precision(device, cfg.train.precision) == "bf16")  # as kdray's trials
     trainer = KDTrainer(model_init=model_init, args=args, train_dataset=enc["train"], eval_dataset=enc["validation"],
                         data_collator=DataCollatorWithPadding(tok), compute_metrics=accuracy, callbacks=[Clock()])
     best = trainer.hyperparameter_search(direction="maximize", backend="optuna", hp_space=hp_space,
@@ -637,7 +640,7 @@ EXAMPLES = (
 
 
 def main(argv: list[str] | None = None) -> int:
-    from kdray.config import add_space_arguments, help_epilog
+    from kdray.config import PRECISIONS, add_space_arguments, help_epilog
 
     ap = argparse.ArgumentParser(
         prog="kdray bench", formatter_class=argparse.RawDescriptionHelpFormatter, epilog=help_epilog(*EXAMPLES),
@@ -657,6 +660,8 @@ def main(argv: list[str] | None = None) -> int:
     st.add_argument("--rounds", type=int, default=3,
                     help="timed passes over the steps per mode, alternating modes, after one warm pass each (default 3)")
     st.add_argument("--batch-size", type=int, default=32, help="examples per step (default 32)")
+    st.add_argument("--precision", choices=PRECISIONS, default="auto",
+                    help="train.precision of both modes (default auto: bf16 where the device has it)")
     inf.add_argument("--runs", type=int, default=100, help="timed batch-1 passes per model (default 100)")
     inf.add_argument("--warmup", type=int, default=10, help="untimed passes first (default 10)")
     ev = sub.add_parser("eval", help="an evaluation pass of the student and the teacher at each batch size")

@@ -32,6 +32,7 @@ MAX_BUDGET = 1e12
 
 FILE_FORMATS = ("csv", "tsv", "json", "jsonl", "parquet", "phrasebank")
 STUDENT_MODES = ("lora", "head", "full")
+PRECISIONS = ("auto", "bf16", "fp32")
 
 
 @dataclass
@@ -151,6 +152,10 @@ class TrainConfig:
     teacher_logits: str = "cached"
     """`cached`: read the teacher's logits computed once per (teacher, data); `online`: run the
     teacher forward on every batch (the usual way, kept for benchmarks and equivalence)."""
+    precision: str = "auto"
+    """Precision of training, validation and teacher logits (weights and optimizer stay fp32):
+    `bf16` autocast, `fp32`, or `auto`: bf16 where the device computes it natively (a CUDA GPU
+    with bf16; a CPU with AVX512-BF16 or AMX), else fp32 (`kdray.loop.resolve_precision`)."""
 
 
 @dataclass
@@ -772,4 +777,6 @@ def _check_train(section: str, t: TrainConfig) -> list[str]:
         p.append(f"{section}.warmup_ratio: {t.warmup_ratio} must be in [0, 1).")
     if t.teacher_logits not in ("cached", "online"):
         p.append(f"{section}.teacher_logits: {t.teacher_logits!r} is unknown. Fix: cached or online.")
+    if t.precision not in PRECISIONS:
+        p.append(f"{section}.precision: {t.precision!r} is unknown. Fix: one of {', '.join(PRECISIONS)}.")
     return p

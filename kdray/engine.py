@@ -328,7 +328,7 @@ def _peak_memory(job: Any, max_length: int) -> tuple[int, int]:
     ids = torch.randint(1000, 2000, (b, max_length), device=device)
     torch.cuda.reset_peak_memory_stats(device)
     base = torch.cuda.memory_allocated(device)
-    with autocast_for(device):
+    with autocast_for(device, job.train.precision):
         logits = model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits
     loss, _, _ = kd_loss(logits, torch.zeros(b, dtype=torch.long, device=device), logits.detach(), 0.5, 2.0)
     loss.backward()

@@ -211,6 +211,13 @@ def _memory_peak(device: torch.device, base: float) -> tuple[float, str]:
     return now - base, "rss_peak_growth" if is_peak else "rss_growth"
 
 
+def serving_precision(device: torch.device) -> str:
+    """The precision the final stage scores the test split and benchmarks in, whatever the
+    training ran in: what a user serving the saved fp32 model gets by default. bf16 autocast on
+    a GPU that has it; fp32 on a CPU, so the teacher and every student are scored alike."""
+    return "auto" if device.type == "cuda" else "fp32"
+
+
 def benchmark(loaders: dict[str, tuple[Any, Any, int]], device: torch.device,
               cfg: RunConfig) -> tuple[dict[str, dict], dict[str, np.ndarray]]:
     """Benchmark every `name: (load, test split, pad id)` in this process on the same inputs.
@@ -248,10 +255,11 @@ def _benchmark(loaders: dict[str, tuple[Any, Any, int]], device: torch.device,
         if device.type == "cuda":
             # CUDA picks kernels per new shape and loads them lazily: a first pass over every
             # batch shape costs 10-18x a warm one and would be charged to whoever runs first.
-            predict_logits(model, resident, fc.throughput_batch_size, pad, device)
+            predict_logits(model, resident, fc.throughput_batch_size, pad, device, precision=serving_precision(device))
         sync()
         t0 = time.perf_counter()
-        logits[name] = predict_logits(model, resident, fc.throughput_batch_size, pad, device)
+        logits[name] = predict_logits(model, resident, fc.throughput_batch_size, pad, device,
+                                      precision=serving_precision(device))
         sync()
         seconds = time.perf_counter() - t0
         peak, kind = _memory_peak(device, base)
@@ -355,7 +363,8 @@ def score_runs(trained: list[tuple[TrialConfig, str]], job: Any, test: Any, devi
     best_val: dict[str, float] = {}
     for case, path in trained:
         model, history = load_trained(job, case, path)
-        logits = predict_logits(model.to(device), test, batch_size, job.pad_token_id, device)
+        logits = predict_logits(model.to(device), test, batch_size, job.pad_token_id, device,
+                                precision=serving_precision(device))
         v = case.variant
         row = {"seed": case.seed, M.TRAINABLE_PARAMS: case.trainable_params,
                M.VAL_ACCURACY: history[-1][M.VAL_ACCURACY], M.VAL_F1: history[-1][M.VAL_F1],
@@ -467,9 +476,9 @@ def run_final(cfg: RunConfig, task: Any, run_dir: Path, *, seeds: int | None = N
         print(f"  {name:<17} p50 {b['latency_ms_p50']:7.2f} ms  p95 {b['latency_ms_p95']:7.2f} ms"
               f"  {b['throughput_per_s']:8.1f}/s  {b['size_mb']:7.1f} MB  peak memory {b['peak_memory_mb']:.0f} MB")
     merged_logits, unmerged_logits = logits_of["student"], logits_of["student_unmerged"]
-    if device.type == "cuda":  # the timed passes ran under bf16 autocast: compare the weights in fp32
+    if serving_precision(device) != "fp32":  # the timed passes ran under autocast: compare the weights in fp32
         merged_logits, unmerged_logits = (
-            predict_logits(load().to(device), s_test, bs, job.pad_token_id, device, autocast=False)
+            predict_logits(load().to(device), s_test, bs, job.pad_token_id, device, precision="fp32")
             for load in (loaders["student"][0], loaders["student_unmerged"][0]))
     merge_diff = float(np.abs(merged_logits - unmerged_logits).max())
 

@@ -303,11 +303,12 @@ def _all_reduce(t: torch.Tensor, world_size: int) -> torch.Tensor:
 @torch.no_grad()
 def predict_logits(model: nn.Module, split: Split | DeviceSplit, batch_size: int, pad_id: int, device: torch.device,
                    indices: np.ndarray | None = None, progress: Callable[[int, int], None] | None = None,
-                   autocast: bool = True) -> np.ndarray:
-    """Logits [len(indices), K] for `indices` of `split` (all by default), in that order.
+                   precision: str = "auto") -> np.ndarray:
+    """Logits [len(indices), K] for `indices` of `split` (all by default), in that order, computed
+    in `precision` (`TrainConfig.precision`).
 
     Sorted by length inside so batches pad little; results are put back in the given order and
-    copied to the host once. `autocast=False` keeps fp32 on GPU too (bf16 otherwise).
+    copied to the host once.
     """
     model.eval()
     resident = split if isinstance(split, DeviceSplit) else DeviceSplit(split, pad_id, device)
@@ -317,7 +318,7 @@ def predict_logits(model: nn.Module, split: Split | DeviceSplit, batch_size: int
     perm = np.argsort(-resident.lengths[idx], kind="stable")
     order = idx[perm]
     parts = []
-    context = autocast_for(device) if autocast else torch.autocast(device.type, enabled=False)
+    context = autocast_for(device, precision)
     for start in range(0, len(order), batch_size):
         with context:
             parts.append(model(**model_inputs(resident.batch(order[start:start + batch_size]))).logits.float())
@@ -333,7 +334,8 @@ def evaluate(model: nn.Module, split: Split | DeviceSplit, job: DistillJob, devi
     """Loss, accuracy and macro-F1 over the whole split: each rank scores its share (rows
     `rank::world_size`), then `score_logits` all-reduces them."""
     mine = np.arange(rank, len(split), world_size)
-    logits = predict_logits(unwrap(model), split, job.train.eval_batch_size, job.pad_token_id, device, mine)
+    logits = predict_logits(unwrap(model), split, job.train.eval_batch_size, job.pad_token_id, device, mine,
+                            precision=job.train.precision)
     labels = (split.host_labels if isinstance(split, DeviceSplit) else split.labels)[mine]
     return score_logits(logits, labels, job.num_labels, device, world_size, prefix)
 
@@ -357,11 +359,36 @@ def score_logits(logits: np.ndarray, labels: np.ndarray, k: int, device: torch.d
     return out
 
 
-def autocast_for(device: torch.device):
-    # bf16 autocast on GPU (no loss scaling needed); plain fp32 on CPU, where bf16 is slower.
+def native_bf16(device: torch.device) -> bool:
+    """Whether `device` computes bf16 in hardware: a CUDA GPU that supports it (Ampere on), a CPU
+    with AVX512-BF16 or AMX. Elsewhere bf16 is emulated and slower than fp32."""
     if device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return torch.autocast("cpu", enabled=False)
+        return torch.cuda.is_bf16_supported()
+    if device.type != "cpu":
+        return False
+    try:  # a private but stable probe (torch >= 2.3); without it, assume no
+        caps = torch._C._cpu._get_cpu_capability()
+    except (AttributeError, RuntimeError):
+        return False
+    return bool(caps.get("avx512_bf16") or caps.get("amx_bf16"))
+
+
+def resolve_precision(device: torch.device, precision: str) -> str:
+    """`bf16` or `fp32` for a `TrainConfig.precision` on `device`.
+
+    `auto` takes bf16 where it is native. Measured on a 2-core Zen 4 CPU (AVX512-BF16),
+    MiniLM at batch 32: a 3-layer LoRA student's step 0.34 -> 0.23 s on one thread, the 6-layer
+    full fine-tune's 0.56 -> 0.39 s on two, an evaluation batch 1.6-1.9x faster.
+    """
+    if precision == "auto":
+        return "bf16" if native_bf16(device) else "fp32"
+    return precision
+
+
+def autocast_for(device: torch.device, precision: str = "auto"):
+    """The autocast context of `precision` on `device` (bf16 needs no loss scaling)."""
+    bf16 = resolve_precision(device, precision) == "bf16"
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
 
 
 def make_optimizer(model: nn.Module, cfg: TrainConfig, device: torch.device) -> torch.optim.Optimizer:
@@ -407,9 +434,10 @@ def load_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimiz
 
 def forward_loss(model: nn.Module, batch: dict[str, torch.Tensor], teacher: Callable | None, cfg: TrainConfig,
                  autocast: Any) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """One batch's KD loss: teacher logits (cached look-up or online forward), student forward."""
-    t_logits = teacher(batch) if teacher is not None else None
+    """One batch's KD loss: teacher logits (cached look-up or online forward, in the training
+    precision as the cached ones were computed), student forward."""
     with autocast:
+        t_logits = teacher(batch) if teacher is not None else None
         logits = model(**model_inputs(batch)).logits
     return kd_loss(logits, batch["labels"], t_logits, cfg.alpha, cfg.temperature)
 
@@ -462,7 +490,9 @@ def distill(job: DistillJob, data: DistillData, report: Report, *, rank: int = 0
         start_epoch, history = load_checkpoint(Path(resume_from), model, optimizer, scheduler)
         if log and rank == 0:
             say(f"resumed from {resume_from} after epoch {start_epoch}")
-    autocast = autocast_for(device)
+    autocast = autocast_for(device, cfg.precision)
+    if log and rank == 0:
+        say(f"training in {resolve_precision(device, cfg.precision)} on {device.type} (precision: {cfg.precision})")
     status = M.STATUS_COMPLETED
     for epoch in range(start_epoch, cfg.epochs):
         torch.manual_seed(job.seed * 1_000_003 + epoch * 101 + rank)  # dropout: reproducible on resume

@@ -126,7 +126,7 @@ def _transfer_logits(cfg: RunConfig, task: TaskData, tokenizer: Any, teacher: Te
         t0 = time.perf_counter()
         model = from_pretrained_dir(teacher.model_dir).to(device)
         logits = predict_logits(model, rows, cfg.teacher.train.eval_batch_size, tokenizer.pad_token_id, device,
-                                progress=_progress("teacher logits (transfer)"))
+                                progress=_progress("teacher logits (transfer)"), precision=cfg.teacher.train.precision)
         write_logits(tmp / LOGITS_FILE, {"transfer": (rows.example_ids, logits)})
         say(f"teacher: transfer set labelled in {time.perf_counter() - t0:.0f}s")
 
@@ -187,7 +187,8 @@ def teacher_entry(job: Any, data: Any, worker: Any) -> None:
     for split_name, split in (("train", data.train), ("validation", data.validation)):
         mine = np.arange(rank, len(split), world)
         progress = _progress(f"teacher logits ({split_name})") if rank == 0 else None
-        logits = predict_logits(model, split, job.train.eval_batch_size, job.pad_token_id, device, mine, progress)
+        logits = predict_logits(model, split, job.train.eval_batch_size, job.pad_token_id, device, mine, progress,
+                                precision=job.train.precision)
         if split_name == "validation":  # the teacher's validation metrics, from the same logits
             val = score_logits(logits, split.labels[mine], job.num_labels, device, world)
         shard = (split.example_ids[mine], logits)

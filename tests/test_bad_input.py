@@ -77,6 +77,8 @@ CASES = [
     Case("set-concurrency-zero", [*SEARCH, "--set", "search.concurrency=0"], ["--set search.concurrency"]),
     Case("set-device", [*SEARCH, "--set", "resources.device=tpu"], ["resources.device", "auto"]),
     Case("set-alpha-range", [*SEARCH, "--set", "space.alpha=[0.9,0.1]"], ["space.alpha"]),
+    Case("precision-unknown", [*SEARCH, "--set", "teacher.train.precision=fp16"],
+         ["teacher.train.precision", "fp16", "auto, bf16, fp32"]),
     Case("set-empty-ranks", [*SEARCH, "--set", "space.lora_r=[]"], ["space.lora_r"]),
     Case("space-module-typo", [*SEARCH, "--set", "space.target_modules=[[q,vv]]"], ["space.target_modules", "vv"]),
     Case("student-full", [*SEARCH, "--set", "student.mode=full"], ["student.mode", "lora"]),

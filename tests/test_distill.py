@@ -17,8 +17,8 @@ from kdray import metrics as M
 from kdray.config import load_config
 from kdray.data import load_data, tokenize
 from kdray.loop import (DeviceSplit, DistillData, DistillJob, OnlineTeacher, Split, TeacherLogits, cached_teacher, distill,
-                        kd_loss, make_batches, predict_logits)
-from kdray.models import build_model, load_tokenizer
+                        kd_loss, make_batches, native_bf16, predict_logits, resolve_precision)
+from kdray.models import build_model, build_student, load_tokenizer
 
 
 # ----------------------------------------------------------------------------- loss golden values
@@ -126,8 +126,10 @@ def smoke():
 def test_cached_and_online_teacher_give_the_same_loss(smoke):
     cfg, task, tok, train, val = smoke
     teacher = build_model(cfg.teacher, 2, seed=3).eval()
-    # Cached: computed once, in length-sorted batches of another composition and padding.
-    table = TeacherLogits(train.example_ids, predict_logits(teacher, train, 100, tok.pad_token_id, torch.device("cpu")))
+    # Cached: computed once, in length-sorted batches of another composition and padding. In
+    # fp32: under bf16 a row's logits move by bf16's rounding with its batch's padding width.
+    table = TeacherLogits(train.example_ids,
+                          predict_logits(teacher, train, 100, tok.pad_token_id, torch.device("cpu"), precision="fp32"))
     idx = make_batches(train.lengths, 32, shuffle=True, seed=0, epoch=0, group_by_length=False)[0]
     batch = DeviceSplit(train, tok.pad_token_id, "cpu", table).batch(idx)
     student_logits = torch.randn(len(idx), 2, generator=torch.Generator().manual_seed(0))
@@ -159,6 +161,31 @@ def test_kd_runs_pass_over_the_transfer_set_and_no_kd_runs_never_see_it(smoke):
         distill(job, data, lambda m, c: rows.append(m), log=False)
         seen[alpha] = round(rows[0][M.SAMPLES_PER_S] * rows[0][M.EPOCH_SECONDS])  # examples the epoch trained on
     assert seen == {0.5: len(train) + len(transfer), 1.0: len(train)}
+
+
+def test_bf16_precision_autocasts_the_forwards_and_keeps_the_weights_fp32(smoke):
+    cfg, task, tok, train, val = smoke
+    cpu = torch.device("cpu")
+    assert [resolve_precision(cpu, p) for p in ("bf16", "fp32")] == ["bf16", "fp32"]
+    assert resolve_precision(cpu, "auto") == ("bf16" if native_bf16(cpu) else "fp32")
+    teacher = build_model(cfg.teacher, 2, seed=3).eval()
+    table = TeacherLogits(train.example_ids, predict_logits(teacher, train, 100, tok.pad_token_id, cpu))
+    history, dtypes = {}, {}
+    for precision in ("bf16", "fp32"):
+        job = DistillJob(cfg.student, dataclasses.replace(cfg.train, epochs=1, alpha=0.5, precision=precision),
+                         task.label_names, tok.pad_token_id)
+        model = build_student(job.model, job.num_labels, job.label_names, seed=0)
+        seen = dtypes[precision] = set()
+        first = next(m for m in model.modules() if isinstance(m, torch.nn.Linear))
+        first.register_forward_hook(lambda m, i, out, seen=seen: seen.add(out.dtype))
+        history[precision] = distill(job, DistillData(train, val, table), lambda m, c: None, log=False,
+                                     model=model).history[0]
+        assert {p.dtype for p in model.parameters()} == {torch.float32}  # autocast, not a cast of the weights
+    assert dtypes == {"bf16": {torch.bfloat16}, "fp32": {torch.float32}}  # training and validation forwards
+    # The same run up to bf16 rounding: same data order, same seeds.
+    assert math.isfinite(history["bf16"][M.TRAIN_LOSS])
+    assert history["bf16"][M.TRAIN_LOSS] == pytest.approx(history["fp32"][M.TRAIN_LOSS], rel=0.05)
+    assert history["bf16"][M.TRAIN_LOSS] != history["fp32"][M.TRAIN_LOSS]
 
 
 def test_non_finite_loss_stops_with_status_diverged(smoke):
