@@ -59,7 +59,8 @@ def main(argv: list[str] | None = None) -> int:
     teacher = prepare_teacher(cfg, task, storage_path=run_dir / "train")
     job, data = distill_inputs(cfg, task, teacher)
     t0 = time.perf_counter()
-    resources = trial_resources(cfg.resources, 1, probe=gpu_probe(job, cfg.data.max_length))
+    resources = trial_resources(cfg.resources, 1, probe=gpu_probe(job, cfg.data.max_length),
+                                precision=cfg.train.precision)
     spec = TrialSpec(distill_entry, job, ray.put(data), resources, str(run_dir / "train"))
     result = run_one(spec, "distill")
     with result.checkpoint.as_directory() as d:

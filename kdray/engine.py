@@ -223,7 +223,8 @@ def distill_spec(cfg: Any, job: Any, data: Any, storage: str, largest: Any) -> T
     step of `largest`, the stage's most memory-hungry job), several-worker runs under `storage`."""
     import ray
 
-    resources = trial_resources(cfg.resources, cfg.search.concurrency, probe=gpu_probe(largest, cfg.data.max_length))
+    resources = trial_resources(cfg.resources, cfg.search.concurrency, probe=gpu_probe(largest, cfg.data.max_length),
+                                precision=cfg.train.precision)
     return TrialSpec(distill_entry, job, ray.put(data), resources, storage, cfg.search.max_failures)
 
 
@@ -243,8 +244,9 @@ def students_per_gpu(peak_bytes: int, gpu_bytes: int) -> int:
 
 
 def trial_resources(res: ResourcesConfig, concurrency: int, *, role: str = "student",
-                    probe: Callable[[], tuple[int, int]] | None = None) -> ResourcesConfig:
-    """The resources each trial of `role` (`student` or `teacher`) runs with, printed.
+                    probe: Callable[[], tuple[int, int]] | None = None, precision: str = "auto") -> ResourcesConfig:
+    """The resources each trial of `role` (`student` or `teacher`) runs with, printed with what
+    its `precision` (`TrainConfig.precision`) trains in there.
 
     `gpus_per_worker > 0` is used as given. Otherwise, with `device: auto` and GPUs in the
     cluster (or `device: gpu`): the teacher and DDP ranks get whole GPUs (NCCL refuses two ranks
@@ -255,10 +257,12 @@ def trial_resources(res: ResourcesConfig, concurrency: int, *, role: str = "stud
     import ray
 
     from kdray.errors import UserError
+    from kdray.loop import describe_precision
 
     gpus = ray.cluster_resources().get("GPU", 0.0)
+    on_gpu = f"; {describe_precision(precision, 'cuda')}"
     if res.gpus_per_worker > 0:
-        print(f"resources ({role}): {res.gpus_per_worker:g} GPU per worker, as configured", flush=True)
+        print(f"resources ({role}): {res.gpus_per_worker:g} GPU per worker, as configured{on_gpu}", flush=True)
         return res
     if res.device == "gpu" and gpus == 0:
         raise UserError("resources.device: gpu, but the Ray cluster has no GPU. Fix: device: auto (CPUs here), "
@@ -266,16 +270,17 @@ def trial_resources(res: ResourcesConfig, concurrency: int, *, role: str = "stud
     if res.device == "cpu" or gpus == 0:
         why = "device: cpu" if res.device == "cpu" else "no GPU visible to Ray"
         res = _cpu_share(res, concurrency)
-        print(f"resources ({role}): CPU ({why}), {res.cpus_per_worker:g} CPU per worker", flush=True)
+        print(f"resources ({role}): CPU ({why}), {res.cpus_per_worker:g} CPU per worker; "
+              f"{describe_precision(precision, 'cpu')}", flush=True)
         return res
     if role == "teacher" or res.workers > 1 or probe is None:
-        print(f"resources ({role}): 1 whole GPU per worker ({gpus:g} GPU(s) in the cluster)", flush=True)
+        print(f"resources ({role}): 1 whole GPU per worker ({gpus:g} GPU(s) in the cluster){on_gpu}", flush=True)
         return dataclasses.replace(res, gpus_per_worker=1.0)
     peak, total = probe()
     k = students_per_gpu(peak, total)
     print(f"resources ({role}): {k} trials per GPU (one training step of the largest student peaks at "
           f"{peak / 2**20:.0f} MiB of {total / 2**30:.0f} GiB), {gpus:g} GPU(s): up to {int(k * gpus)} trials at once"
-          f"{'' if concurrency >= k * gpus else f'; search.concurrency {concurrency} leaves GPU room idle'}",
+          f"{'' if concurrency >= k * gpus else f'; search.concurrency {concurrency} leaves GPU room idle'}{on_gpu}",
           flush=True)
     return dataclasses.replace(res, gpus_per_worker=int(100 / k) / 100)
 

@@ -385,6 +385,19 @@ def resolve_precision(device: torch.device, precision: str) -> str:
     return precision
 
 
+def describe_precision(precision: str, device_type: str) -> str:
+    """What `precision` trains in on `device_type` (`cpu` or `cuda`), for the resources line a run
+    prints. `auto` on CPUs is read on this machine: the workers of a CPU cluster decide for
+    themselves and say so in their trial logs."""
+    if precision != "auto":
+        return f"{precision} (train.precision)"
+    if device_type == "cuda":
+        return "bf16 on GPUs that have it, else fp32 (train.precision auto)"
+    here = resolve_precision(torch.device("cpu"), "auto")
+    why = "has AVX512-BF16 or AMX" if here == "bf16" else "has neither AVX512-BF16 nor AMX"
+    return f"{here} (train.precision auto: this machine's CPU {why})"
+
+
 def autocast_for(device: torch.device, precision: str = "auto"):
     """The autocast context of `precision` on `device` (bf16 needs no loss scaling)."""
     bf16 = resolve_precision(device, precision) == "bf16"

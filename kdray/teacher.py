@@ -154,7 +154,8 @@ def _train_on_ray(cfg: RunConfig, task: TaskData, tokenizer: Any, out: Path, sto
     job = DistillJob(cfg.teacher, train, task.label_names, tokenizer.pad_token_id, cfg.seed)
     init_ray()
     storage = str(storage_path or Path(tempfile.gettempdir()) / "kdray-train")
-    resources = trial_resources(cfg.teacher.resources or cfg.resources, 1, role="teacher")
+    resources = trial_resources(cfg.teacher.resources or cfg.resources, 1, role="teacher",
+                                precision=cfg.teacher.train.precision)
     spec = TrialSpec(teacher_entry, job, ray.put(data), resources, storage)
     result = run_one(spec, f"teacher-{key}")
     with result.checkpoint.as_directory() as d:

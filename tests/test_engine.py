@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
+import torch
 
 from kdray import metrics as M
 from kdray.budget import count
@@ -118,7 +119,15 @@ def test_resources_follow_the_machine_without_a_gpu(ray_cluster, capsys):
     probed = []
     res = trial_resources(cfg.resources, 2, probe=lambda: probed.append(1) or (0, 0))
     assert res.gpus_per_worker == 0 and res.cpus_per_worker == cfg.resources.cpus_per_worker and not probed
-    assert "CPU (no GPU visible to Ray)" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "CPU (no GPU visible to Ray)" in out
+    # ...and what the trials train in: what `auto` resolves to on this machine's CPU, said once.
+    from kdray.loop import native_bf16
+
+    here = "bf16" if native_bf16(torch.device("cpu")) else "fp32"
+    assert f"; {here} (train.precision auto: this machine's CPU has" in out
+    trial_resources(cfg.resources, 2, precision="fp32")
+    assert "; fp32 (train.precision)" in capsys.readouterr().out
     given = dataclasses.replace(cfg.resources, gpus_per_worker=0.25)
     assert trial_resources(given, 2) == given  # an explicit share is used as given
     with pytest.raises(UserError, match="device: gpu, but the Ray cluster has no GPU"):
