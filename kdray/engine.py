@@ -408,7 +408,7 @@ def progress_callback(label: Callable[[Any], str] | None = None, *, total: int |
             self.t0 = time.monotonic()
             self.started: dict[str, float] = {}
             self.walls: list[float] = []
-            self.best: tuple[float, str] | None = None
+            self.best: tuple[tuple[float, int], str] | None = None  # ((accuracy, -params), label)
             self.recovering: set[str] = set()
             self.ended: set[str] = set()
 
@@ -420,8 +420,9 @@ def progress_callback(label: Callable[[Any], str] | None = None, *, total: int |
             c = TrialConfig.of_tune(trial.config)
             head = c.mode != "lora"
             acc = result.get(M.VAL_ACCURACY)
-            if acc is not None and (self.best is None or acc > self.best[0]):
-                self.best = (acc, label(trial))
+            # Ties broken as `kdray.study.best_config` breaks them: fewer trainable parameters.
+            if acc is not None and (self.best is None or (acc, -c.trainable_params) > self.best[0]):
+                self.best = ((acc, -c.trainable_params), label(trial))
             self.pending.append(
                 f"{label(trial):<16} {c.alpha:>5.2f} {c.temperature:>5.2f} {'-' if head else c.lora.r:>3} "
                 f"{('all' if head else c.layers_text) + shape_note(c):<12} {c.trainable_params:>9,} "
@@ -436,7 +437,7 @@ def progress_callback(label: Callable[[Any], str] | None = None, *, total: int |
             n = total if total is not None else len(trials)
             line = f"-- {done}/{n} trials done, {len(running)} running, {max(0, n - done - len(running))} pending"
             if self.best is not None:
-                line += f"; best val acc {self.best[0]:.4f} ({self.best[1]})"
+                line += f"; best val acc {self.best[0][0]:.4f} ({self.best[1]})"
             line += f"; {_minutes(now - self.t0)} elapsed"
             if self.walls and done < n:
                 mean = sum(self.walls) / len(self.walls)
