@@ -439,7 +439,7 @@ def run_peer(cfg: Any, task: Any, teacher: Any, n_layers: int, trials: int, out_
     from transformers import DataCollatorWithPadding, Trainer, TrainerCallback, TrainingArguments
 
     from kdray.loop import kd_loss, resolve_precision
-    from kdray.models import build_student, from_pretrained_dir, load_tokenizer
+    from kdray.models import build_student, from_pretrained_dir, load_tokenizer, to_payload
     from kdray.study import BudgetedSpace
     from kdray.trials import TrialConfig
 
@@ -450,6 +450,7 @@ def run_peer(cfg: Any, task: Any, teacher: Any, n_layers: int, trials: int, out_
                           remove_columns=[c for c in task.splits["train"].column_names if c != "label"])
     enc = enc.rename_column("label", "labels")
     teacher_model = from_pretrained_dir(teacher.model_dir).to(device).eval()
+    base = to_payload(teacher_model) if cfg.student.init == "teacher" else None  # as kdray's trials start
     # The same space as kdray's search (the budget count included, so no over-budget config trains).
     space = BudgetedSpace(cfg.space, cfg.student, task.num_labels, cfg.budget, n_layers)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -464,7 +465,7 @@ def run_peer(cfg: Any, task: Any, teacher: Any, n_layers: int, trials: int, out_
 
     def model_init(trial: Any) -> torch.nn.Module:
         if trial is None:
-            return build_student(cfg.student, task.num_labels, task.label_names, seed=cfg.seed)
+            return build_student(cfg.student, task.num_labels, task.label_names, seed=cfg.seed, base=base)
         # transformers 5 builds the model before it applies hp_space (Optuna repeats the values).
         if not space(trial)["feasible"] or trained[0] >= trials:
             # Over budget or no layer: skipped like kdray skips it; `trials` configurations train.
@@ -473,7 +474,7 @@ def run_peer(cfg: Any, task: Any, teacher: Any, n_layers: int, trials: int, out_
             raise optuna.TrialPruned()
         trained[0] += 1
         student = TrialConfig.from_params(trial.params).student(cfg.student)
-        return build_student(student, task.num_labels, task.label_names, seed=cfg.seed)
+        return build_student(student, task.num_labels, task.label_names, seed=cfg.seed, base=base)
 
     class KDTrainer(Trainer):
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):

@@ -32,6 +32,7 @@ MAX_BUDGET = 1e12
 
 FILE_FORMATS = ("csv", "tsv", "json", "jsonl", "parquet", "phrasebank")
 STUDENT_MODES = ("lora", "head", "full")
+STUDENT_INITS = ("pretrained", "teacher")
 PRECISIONS = ("auto", "bf16", "fp32")
 
 
@@ -184,7 +185,13 @@ class TrainableModelConfig(ModelConfig):
 
 @dataclass
 class StudentConfig(TrainableModelConfig):
-    pass
+    init: str = "pretrained"
+    """Where the student's weights start: `pretrained` (the checkpoint `name` names, head newly
+    initialised) or `teacher`: the fine-tuned teacher's own weights, `keep_layers` of its encoder
+    with its embeddings, pooler and classifier (the student must be the teacher's model). The
+    frozen encoder then already holds the task, and LoRA and the head adapt it to the removed
+    layers. The baselines (no-KD, head-only) start from the same weights, so KD-vs-no-KD still
+    measures the KD term alone."""
 
 
 @dataclass
@@ -695,6 +702,15 @@ def _check_values(cfg: RunConfig) -> list[str]:
     s = cfg.student
     if s.mode not in STUDENT_MODES:
         p.append(f"student.mode: {s.mode!r} is unknown. Fix: use one of {', '.join(STUDENT_MODES)}.")
+    if s.init not in STUDENT_INITS:
+        p.append(f"student.init: {s.init!r} is unknown. Fix: use one of {', '.join(STUDENT_INITS)}.")
+    elif s.init == "teacher":
+        differ = [f for f in ("name", "config", "tokenizer") if getattr(s, f) != getattr(cfg.teacher, f)]
+        if differ:
+            p.append(f"student.init: teacher starts the student from the fine-tuned teacher's weights, but "
+                     f"{' and '.join(f'student.{f}' for f in differ)} {'differs' if len(differ) == 1 else 'differ'} from the "
+                     f"teacher's. Fix: give the student "
+                     f"the teacher's {', '.join(differ)} (keep_layers picks its layers), or use student.init: pretrained.")
     if s.lora.r < 1:
         p.append(f"student.lora.r: rank {s.lora.r} must be at least 1.")
     if not 0 <= s.lora.dropout < 1:

@@ -127,15 +127,16 @@ def search_checkpoint(run: RunDir, best: dict[str, Any]) -> str | None:
     return path
 
 
-def load_trained(job: Any, case: TrialConfig, checkpoint_path: str) -> tuple[nn.Module, list[dict]]:
-    """Rebuild a case's model exactly as its trial did and load its trained weights."""
+def load_trained(job: Any, case: TrialConfig, checkpoint_path: str, base: Any = None) -> tuple[nn.Module, list[dict]]:
+    """Rebuild a case's model exactly as its trial did (from `base`, the `DistillData.student_base`
+    it started from, when set) and load its trained weights (a checkpoint holds those only)."""
     from ray.train import Checkpoint
 
     from kdray.loop import load_checkpoint
     from kdray.models import build_student
 
     j = case.job(job)
-    model = build_student(j.model, j.num_labels, j.label_names, seed=j.seed)
+    model = build_student(j.model, j.num_labels, j.label_names, seed=j.seed, base=base)
     with Checkpoint(checkpoint_path).as_directory() as d:
         _, history = load_checkpoint(Path(d), model)
     return model.eval(), history
@@ -353,16 +354,17 @@ def _bucket(name: str, mask: np.ndarray, errors: np.ndarray, teacher_errors: np.
 
 
 def score_runs(trained: list[tuple[TrialConfig, str]], job: Any, test: Any, device: torch.device, k: int,
-               batch_size: int) -> tuple[dict[str, list[dict]], dict[str, tuple[TrialConfig, str]]]:
+               batch_size: int, base: Any = None) -> tuple[dict[str, list[dict]], dict[str, tuple[TrialConfig, str]]]:
     """Every retrained model's validation history and test scores, per variant, and the run of
-    each variant with the best last-epoch validation accuracy (chosen on validation, never test)."""
+    each variant with the best last-epoch validation accuracy (chosen on validation, never test).
+    `base`: the weights the students started from (`load_trained`)."""
     from kdray.loop import predict_logits
 
     runs: dict[str, list[dict]] = {}
     chosen: dict[str, tuple[TrialConfig, str]] = {}
     best_val: dict[str, float] = {}
     for case, path in trained:
-        model, history = load_trained(job, case, path)
+        model, history = load_trained(job, case, path, base)
         logits = predict_logits(model.to(device), test, batch_size, job.pad_token_id, device,
                                 precision=serving_precision(device))
         v = case.variant
@@ -453,10 +455,11 @@ def run_final(cfg: RunConfig, task: Any, run_dir: Path, *, seeds: int | None = N
     texts = list(test["text"])
     bs = cfg.final.throughput_batch_size
 
-    runs, chosen = score_runs(trained, job, s_test, device, k, bs)
+    base = data.student_base
+    runs, chosen = score_runs(trained, job, s_test, device, k, bs, base)
 
     case, path = chosen["student"]
-    student_dir = save_student(load_trained(job, case, path)[0], s_tok, run, cfg, case, task.label_names)
+    student_dir = save_student(load_trained(job, case, path, base)[0], s_tok, run, cfg, case, task.label_names)
 
     print(f"final: benchmarking on {device_name(device)}: {len(s_test)} test examples, batch 1 x "
           f"{cfg.final.latency_runs} and batch {bs}")
@@ -464,11 +467,11 @@ def run_final(cfg: RunConfig, task: Any, run_dir: Path, *, seeds: int | None = N
         "teacher": (lambda: from_pretrained_dir(teacher.model_dir), t_test),
         "student": (lambda: AutoModelForSequenceClassification.from_pretrained(student_dir, dtype=torch.float32),
                     s_test),
-        "student_unmerged": (lambda: load_trained(job, case, path)[0], s_test),
+        "student_unmerged": (lambda: load_trained(job, case, path, base)[0], s_test),
     }
     for v in ("no_kd", "head_only"):
         if v in chosen:
-            loaders[v] = (lambda v=v: _merged(load_trained(job, *chosen[v])[0]), s_test)
+            loaders[v] = (lambda v=v: _merged(load_trained(job, *chosen[v], base)[0]), s_test)
     bench, logits_of = benchmark({name: (load, split, t_tok.pad_token_id if name == "teacher" else job.pad_token_id)
                                   for name, (load, split) in loaders.items()}, device, cfg)
     for name, b in bench.items():

@@ -277,7 +277,10 @@ class DistillData:
     """The transfer set (labels `UNLABELED`): KD runs (alpha < 1) train on train + transfer,
     the hard-label term on train only; the no-KD baseline never sees it."""
     teacher_model: Any = None
-    """Online mode: a `kdray.models.ModelPayload` of the fine-tuned teacher."""
+    """Online mode: a `kdray.models.to_payload` of the fine-tuned teacher."""
+    student_base: Any = None
+    """`student.init: teacher`: the weights the student starts from (a `to_payload` of the
+    fine-tuned teacher, the object online mode also uses); None: the pretrained checkpoint."""
 
 
 @dataclass
@@ -482,7 +485,8 @@ def distill(job: DistillJob, data: DistillData, report: Report, *, rank: int = 0
     cfg = job.train
     torch.manual_seed(job.seed)
     if model is None:
-        model = build_student(job.model, job.num_labels, job.label_names, device="cpu", seed=job.seed)
+        model = build_student(job.model, job.num_labels, job.label_names, device="cpu", seed=job.seed,
+                              base=data.student_base)
     trainable = count_trainable(model)
     model = prepare_model(model) if prepare_model is not None else model.to(device)
     teacher: Callable | None = None
@@ -567,20 +571,22 @@ def distill(job: DistillJob, data: DistillData, report: Report, *, rank: int = 0
 # ----------------------------------------------------------------------------- inputs
 
 
-def distill_inputs(cfg: Any, task: Any, teacher: Any, train: TrainConfig | None = None,
-                   student: TrainableModelConfig | None = None) -> tuple[DistillJob, DistillData]:
+def distill_inputs(cfg: Any, task: Any, teacher: Any, train: TrainConfig | None = None
+                   ) -> tuple[DistillJob, DistillData]:
     """The job and the shared read-only data of a distillation of `cfg`'s student.
 
     `teacher` is the teacher stage's `TeacherResult`. The student is tokenized with its own
     tokenizer (cached); cached logits are keyed by example_id, so the teacher's tokenizer may
     differ. Online mode runs the teacher on the student's batches, so it needs the same one.
+    With `student.init: teacher` the teacher's weights travel in the data too (workers never
+    read the driver's teacher directory).
     """
     from kdray.data import tokenize, tokenizer_identity
     from kdray.errors import UserError
     from kdray.models import from_pretrained_dir, load_tokenizer, to_payload
 
     train = train or cfg.train
-    student = student or cfg.student
+    student = cfg.student
     tokenizer = load_tokenizer(student)
     tokenized, _ = tokenize(task, tokenizer, cfg.data.max_length, cfg.cache_dir)
     data = DistillData(Split.from_dataset(tokenized["train"]), Split.from_dataset(tokenized["validation"]))
@@ -596,5 +602,7 @@ def distill_inputs(cfg: Any, task: Any, teacher: Any, train: TrainConfig | None 
         data.teacher_model = to_payload(from_pretrained_dir(teacher.model_dir))
     elif train.alpha < 1.0:
         data.teacher_logits = TeacherLogits.from_parquet(teacher.logits_path, teacher.transfer_logits_path)
+    if student.init == "teacher":
+        data.student_base = data.teacher_model or to_payload(from_pretrained_dir(teacher.model_dir))
     job = DistillJob(student, train, task.label_names, tokenizer.pad_token_id, cfg.seed)
     return job, data

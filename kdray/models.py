@@ -73,20 +73,31 @@ def model_config(spec: ModelConfig, num_labels: int, label_names: list[str] | No
 
 
 def build_model(spec: ModelConfig, num_labels: int, label_names: list[str] | None = None,
-                device: str | torch.device = "cpu", seed: int = 0) -> nn.Module:
+                device: str | torch.device = "cpu", seed: int = 0, base: dict[str, Any] | None = None) -> nn.Module:
     """A sequence classifier from a spec: pretrained weights when `spec.name` and a real device.
 
     On `meta` only the shapes are built (for counting). `keep_layers` copies the chosen layers
     of the pretrained encoder (DistilBERT-style initialisation); the head is newly initialised.
+    `base` (a `to_payload` of a classifier of the same model: the fine-tuned teacher, for
+    `student.init: teacher`) replaces the pretrained weights, its head included.
     """
     from transformers import AutoModelForSequenceClassification
 
     cfg = model_config(spec, num_labels, label_names)
     torch.manual_seed(seed)
-    if str(device) == "meta" or spec.name is None:
+    if str(device) == "meta" or (spec.name is None and base is None):
         with torch.device(device):
             model = AutoModelForSequenceClassification.from_config(cfg, dtype=torch.float32)
         return model
+    if base is not None:
+        model = from_payload(base).train()
+        if model.config.num_labels != num_labels:
+            raise UserError(f"student.init: teacher: the teacher has {model.config.num_labels} labels, the task "
+                            f"{num_labels}. Fix: use student.init: pretrained.")
+        if spec.keep_layers is not None:
+            _keep_layers(model, spec.keep_layers)
+            model.config.num_hidden_layers = len(spec.keep_layers)
+        return model.to(device)
     full = copy.deepcopy(cfg)
     if spec.keep_layers is not None:
         full.num_hidden_layers = model_config(ModelConfig(name=spec.name), num_labels).num_hidden_layers
@@ -190,9 +201,10 @@ def apply_student_mode(model: nn.Module, student: TrainableModelConfig) -> nn.Mo
 
 
 def build_student(student: TrainableModelConfig, num_labels: int, label_names: list[str] | None = None,
-                  device: str | torch.device = "cpu", seed: int = 0) -> nn.Module:
-    """The student exactly as it trains (on `meta`: exactly as the budget counts it)."""
-    return apply_student_mode(build_model(student, num_labels, label_names, device, seed), student)
+                  device: str | torch.device = "cpu", seed: int = 0, base: dict[str, Any] | None = None) -> nn.Module:
+    """The student exactly as it trains (on `meta`: exactly as the budget counts it). `base`: the
+    weights it starts from when not the pretrained checkpoint's (`build_model`)."""
+    return apply_student_mode(build_model(student, num_labels, label_names, device, seed, base), student)
 
 
 def count_trainable(model: nn.Module) -> int:

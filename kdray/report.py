@@ -99,7 +99,9 @@ def build_results(run_dir: Path) -> dict[str, Any]:
                 "versions": {p: package_version(p) for p in ("kdray", "torch", "transformers", "peft", "ray", "optuna")},
                 "data": {**final["data"], "description": _portable(final["data"]["description"])},
                 "teacher_model": _portable(final["teacher"]["model"]),
-                "student_model": _portable(cfg["student"]["name"] or f"inline {cfg['student']['config']['model_type']} config")},
+                "student_model": _portable(cfg["student"]["name"] or f"inline {cfg['student']['config']['model_type']} config")
+                + (" (started from the fine-tuned teacher's weights: student.init teacher)"
+                   if cfg["student"].get("init") == "teacher" else "")},
         "search": {"trials": len(rows), "completed": counts["completed"], "stopped_early": counts["stopped early"],
                    "failed": counts["failed"], "rejected_over_budget": summary.get("rejected"),
                    "seconds": summary.get("seconds"), "test_reads": summary.get("test_reads"), "best": best,

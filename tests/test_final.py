@@ -186,6 +186,48 @@ def test_rerunning_the_final_stage_alone(smoke_run, tmp_path):
             assert new["val_accuracy_per_epoch"] == pytest.approx(old["val_accuracy_per_epoch"], abs=1e-6)
 
 
+def test_a_final_stage_whose_students_start_from_the_teacher(smoke_run, tmp_path):
+    """`student.init: teacher`: every run starts from the fine-tuned teacher, and the final stage
+    rebuilds each one from the same weights before loading its checkpoint (a checkpoint holds the
+    trained weights only): the saved student scores on validation what its run measured there."""
+    from transformers import AutoModelForSequenceClassification
+
+    from kdray.config import load_config
+    from kdray.data import load_data, tokenize
+    from kdray.final import main
+    from kdray.loop import Split, predict_logits
+    from kdray.models import from_pretrained_dir, load_tokenizer
+    from kdray.teacher import prepare_teacher
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    run = tmp_path / "smoke"
+    shutil.copytree(smoke_run, run, ignore=shutil.ignore_patterns("wandb"))
+    config = yaml.safe_load((run / "config.yaml").read_text())
+    config["student"]["init"] = "teacher"
+    config["train"]["precision"] = "fp32"  # validation as it ran and as it is recomputed here: exact
+    (run / "config.yaml").write_text(yaml.safe_dump(config))
+    rows = pq.read_table(run / "search" / "trials.parquet").to_pylist()  # the search's trials started elsewhere
+    pq.write_table(pa.Table.from_pylist([{**r, "checkpoint_path": None} for r in rows]), run / "search" / "trials.parquet")
+    assert main(["--run", str(run), "--wandb", "disabled"]) == 0
+    results = json.loads((run / "results.json").read_text())
+    assert "started from the fine-tuned teacher" in results["run"]["student_model"]
+
+    cfg = load_config(run / "config.yaml")
+    task = load_data(cfg.data)
+    teacher = from_pretrained_dir(prepare_teacher(cfg, task).model_dir)  # the cached teacher: no training
+    student = AutoModelForSequenceClassification.from_pretrained(run / "final" / "student", dtype=torch.float32)
+    # LoRA leaves the embeddings frozen: the shipped student's are the teacher's.
+    assert torch.equal(student.bert.embeddings.word_embeddings.weight, teacher.bert.embeddings.word_embeddings.weight)
+    val = Split.from_dataset(tokenize(task, load_tokenizer(cfg.student), cfg.data.max_length)[0]["validation"])
+    logits = predict_logits(student, val, 64, load_tokenizer(cfg.student).pad_token_id, torch.device("cpu"),
+                            precision="fp32")
+    seed = results["variants"]["student"]["chosen_seed"]
+    shipped = next(r for r in results["variants"]["student"]["runs"] if r["seed"] == seed)
+    assert float((logits.argmax(-1) == val.labels).mean()) == pytest.approx(shipped[M.VAL_ACCURACY], abs=1e-9)
+
+
 def test_error_analysis_buckets_by_hand():
     texts = ["good", "not good at all", "bad", "a very long text that is not bad at all really",
              "fine film", "it isn't great"]

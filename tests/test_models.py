@@ -25,6 +25,37 @@ def test_keep_layers_copies_the_chosen_pretrained_layers():
     assert out.logits.shape == (1, 2)
 
 
+def test_a_student_started_from_the_teacher_keeps_its_layers_and_head():
+    """`student.init: teacher`: the kept layers, embeddings, pooler and classifier are the fine-tuned
+    teacher's; the LoRA student built on them counts what the budget counts (the meta build)."""
+    from kdray.budget import count
+    from kdray.models import to_payload
+
+    tiny = {**TINY_CONFIGS["bert"], "num_hidden_layers": 3}
+    teacher = build_model(ModelConfig(config=tiny, tokenizer="embedded:minilm-l6"), 2, seed=7)
+    with torch.no_grad():  # as if fine-tuned: nothing a fresh seed-0 build could reproduce
+        for p in teacher.parameters():
+            p.add_(0.01)
+    spec = StudentConfig(config=tiny, tokenizer="embedded:minilm-l6", keep_layers=[0, 2], init="teacher",
+                         lora=LoraChoice(r=2, target_modules=["q", "v"]))
+    student = build_student(spec, 2, base=to_payload(teacher))
+    plain = build_model(spec, 2)  # no base: the spec's own (here random, seed 0) weights
+    s_layers, t_layers = encoder_layers(student)[1], encoder_layers(teacher)[1]
+    assert len(s_layers) == 2
+    for new, old in enumerate([0, 2]):
+        q_s = s_layers[new].attention.self.query.base_layer.weight
+        assert torch.equal(q_s, t_layers[old].attention.self.query.weight)
+        assert torch.equal(s_layers[new].output.dense.weight, t_layers[old].output.dense.weight)
+    base = student.base_model.model
+    assert torch.equal(base.bert.embeddings.word_embeddings.weight, teacher.bert.embeddings.word_embeddings.weight)
+    assert torch.equal(base.classifier.modules_to_save["default"].weight, teacher.classifier.weight)
+    assert torch.equal(base.bert.pooler.modules_to_save["default"].dense.weight, teacher.bert.pooler.dense.weight)
+    assert not torch.equal(plain.classifier.weight, teacher.classifier.weight)
+    assert sum(p.numel() for p in student.parameters() if p.requires_grad) == count(spec, 2)
+    # The teacher itself is untouched (each build copies the payload's weights).
+    assert len(encoder_layers(teacher)[1]) == 3
+
+
 def test_embedded_student_budget_matches_the_real_model():
     from kdray.budget import count
 
