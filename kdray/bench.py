@@ -379,7 +379,9 @@ def bench_search(args: argparse.Namespace) -> dict:
     from kdray.teacher import prepare_teacher
 
     trials, epochs = (4, 1) if args.quick else (args.trials, args.epochs)
-    overrides = [f"search.trials={trials}", f"space.epochs=[{epochs}]", *args.overrides]
+    # No transfer set: the peer trains on the labelled rows only, so kdray's trials do too (a
+    # transfer set would make kdray's KD epochs longer, not its engine slower).
+    overrides = [f"search.trials={trials}", f"space.epochs=[{epochs}]", "data.unlabeled=null", *args.overrides]
     cfg = load_config(args.space, overrides, budget=args.budget)
     task = load_data(cfg.data)
     n_layers = encoder_count(cfg.student, task.num_labels)
@@ -412,7 +414,7 @@ def bench_search(args: argparse.Namespace) -> dict:
            "settings": {"space": Path(cfg.source_file).stem, "quick": args.quick, "trials": trials, "epochs": epochs,
                         "train_examples": len(task.splits["train"]), "concurrency": cfg.search.concurrency,
                         "budget": cfg.budget, "teacher": cfg.teacher.name, "student": cfg.student.name,
-                        "student_keep_layers": cfg.student.keep_layers},
+                        "student_keep_layers": cfg.student.keep_layers, "student_init": cfg.student.init},
            "environment": _environment(torch.device("cuda" if torch.cuda.is_available() else "cpu")),
            "peer": peer, "kdray": kd,
            "wall_ratio": peer["wall_s"] / kd["wall_s"],

@@ -37,7 +37,7 @@ def usage() -> str:
              "budget, searched on a Ray cluster.", "", "commands:"]
     lines += [f"  {name:<{width}}  {text}" for name, (_, text) in COMMANDS.items()]
     lines += ["", "examples:",
-              "  kdray search --budget 1e6                       # the embedded default, offline, ~14 min on 2 CPUs",
+              "  kdray search --budget 1e6                       # the embedded default, offline, ~11 min on 2 CPUs",
               "  kdray search --space smoke --no-final           # tiny models: the whole search in about a minute",
               "  kdray search --budget 1e6 --set data.source=reviews.csv \\",
               "      --set data.text_columns=[review] --set data.label_column=sentiment",
