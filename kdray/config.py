@@ -707,10 +707,11 @@ def _check_values(cfg: RunConfig) -> list[str]:
     elif s.init == "teacher":
         differ = [f for f in ("name", "config", "tokenizer") if getattr(s, f) != getattr(cfg.teacher, f)]
         if differ:
-            fields, verb = " and ".join(f"student.{f}" for f in differ), "differs" if len(differ) == 1 else "differ"
-            p.append(f"student.init: teacher starts the student from the fine-tuned teacher's weights, but {fields} "
-                     f"{verb} from the teacher's. Fix: give the student the teacher's {' and '.join(differ)} "
-                     f"(keep_layers picks its layers), or use student.init: pretrained.")
+            pairs = "; ".join(f"student.{f} {getattr(s, f)!r}, teacher.{f} {getattr(cfg.teacher, f)!r}" for f in differ)
+            p.append(f"student.init: teacher starts the student from the fine-tuned teacher's weights, so the student "
+                     f"must be the teacher's model, but they differ ({pairs}). Fix: give the student the teacher's "
+                     f"{' and '.join(differ)} (keep_layers picks its layers), or set student.init: pretrained "
+                     f"(--set student.init=pretrained).")
     if s.lora.r < 1:
         p.append(f"student.lora.r: rank {s.lora.r} must be at least 1.")
     if not 0 <= s.lora.dropout < 1:

@@ -90,19 +90,16 @@ def build_model(spec: ModelConfig, num_labels: int, label_names: list[str] | Non
             model = AutoModelForSequenceClassification.from_config(cfg, dtype=torch.float32)
         return model
     if base is not None:
-        model = from_payload(base).train()
+        model = from_payload(base)  # in eval mode, as from_pretrained returns its model
         if model.config.num_labels != num_labels:
             raise UserError(f"student.init: teacher: the teacher has {model.config.num_labels} labels, the task "
                             f"{num_labels}. Fix: use student.init: pretrained.")
+    else:
+        full = copy.deepcopy(cfg)
         if spec.keep_layers is not None:
-            _keep_layers(model, spec.keep_layers)
-            model.config.num_hidden_layers = len(spec.keep_layers)
-        return model.to(device)
-    full = copy.deepcopy(cfg)
-    if spec.keep_layers is not None:
-        full.num_hidden_layers = model_config(ModelConfig(name=spec.name), num_labels).num_hidden_layers
-    model = AutoModelForSequenceClassification.from_pretrained(resolve_name(spec.name), config=full,
-                                                               dtype=torch.float32)
+            full.num_hidden_layers = model_config(ModelConfig(name=spec.name), num_labels).num_hidden_layers
+        model = AutoModelForSequenceClassification.from_pretrained(resolve_name(spec.name), config=full,
+                                                                   dtype=torch.float32)
     if spec.keep_layers is not None:
         _keep_layers(model, spec.keep_layers)
         model.config.num_hidden_layers = len(spec.keep_layers)

@@ -38,6 +38,7 @@ class Case:
 
 
 SEARCH = ["search", "--space", "smoke"]
+PRETRAINED = ["--set", "student.init=pretrained"]
 CSV = ["--set", "data.source=reviews.csv", "--set", "data.text_columns=[review]",
        "--set", "data.label_column=sentiment"]
 
@@ -119,10 +120,15 @@ CASES = [
     Case("data-unlabeled-zero-samples", [*SEARCH, "--set", "data.unlabeled=rest", "--set",
                                          "data.max_unlabeled_samples=0"], ["data.max_unlabeled_samples", "at least 1"]),
     # --- models
-    Case("student-missing-dir", ["search", "--set", "student.name=./no-model"], ["student.name", "no-model"]),
-    Case("teacher-missing-dir", ["search", "--set", "teacher.name=./no-model"], ["teacher.name", "no-model"]),
-    Case("student-hub-offline", ["search", "--set", "student.name=someone/some-model"],
+    # The default starts its student from the teacher: another student model needs student.init=pretrained
+    # (the row after these three checks the message without it).
+    Case("student-missing-dir", ["search", *PRETRAINED, "--set", "student.name=./no-model"], ["student.name", "no-model"]),
+    Case("teacher-missing-dir", ["search", *PRETRAINED, "--set", "teacher.name=./no-model"], ["teacher.name", "no-model"]),
+    Case("student-hub-offline", ["search", *PRETRAINED, "--set", "student.name=someone/some-model"],
          ["student.name", "someone/some-model", "HF_HUB_OFFLINE"], env={"HF_HUB_OFFLINE": "1"}),
+    Case("student-other-than-the-teacher", ["search", "--set", "student.name=someone/some-model"],
+         ["student.init: teacher", "student.name 'someone/some-model'", "teacher.name 'embedded:minilm-l6'",
+          "--set student.init=pretrained"]),
     Case("budget-hub-offline", ["budget", "--space", "sst2"], ["sst2", "HF_HUB_OFFLINE"], env={"HF_HUB_OFFLINE": "1"}),
     # --- the other commands
     Case("final-missing-run", ["final", "--run", "nothere"], ["--run", "nothere"]),
