@@ -123,7 +123,11 @@ def load_data(cfg: DataConfig) -> TaskData:
     if len(rest):
         held_back = {"rest": Dataset.from_pandas(rest, preserve_index=False),
                      "rest_fingerprint": _content_fingerprint({"rest": rest}, label_names, ("rest",))}
-    if cfg.unlabeled is not None:
+    if cfg.unlabeled == UNLABELED_REST and not len(rest):
+        # Not an error: the default space sets `rest`, and on a data set no larger than its
+        # max_train_samples every row is labelled for the students, so there is nothing to add.
+        desc += f"; no transfer set (data.unlabeled: rest, but all {len(frames['train']):,} training rows train the students)"
+    elif cfg.unlabeled is not None:
         transfer, dropped = _transfer_set(cfg, rest, frames)
         held_back |= {"transfer": Dataset.from_pandas(transfer, preserve_index=False),
                       "transfer_fingerprint": _content_fingerprint({"transfer": transfer}, label_names, ("transfer",))}
@@ -139,10 +143,6 @@ def _transfer_set(cfg: DataConfig, rest: pd.DataFrame, frames: dict[str, pd.Data
     student the teacher's answers on rows it is selected or scored on."""
     columns = ["text", "text_pair"] if "text_pair" in frames["train"] else ["text"]
     if cfg.unlabeled == UNLABELED_REST:
-        if not len(rest):
-            raise UserError(f"data.unlabeled: rest, but data.max_train_samples holds back no training rows (all "
-                            f"{len(frames['train']):,} train the students). Fix: set data.max_train_samples below "
-                            f"that, or point data.unlabeled at a file of unlabeled text.")
         df = rest[columns + ["example_id"]].copy()
     else:
         raw = read_file(cfg.unlabeled, cfg, "data.unlabeled")
