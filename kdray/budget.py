@@ -128,7 +128,7 @@ def main(argv: list[str] | None = None) -> int:
     head = head_cost(s, k)
     where = s.name or f"inline {s.config['model_type']} config"
     keep = f", keep_layers {s.keep_layers}" if s.keep_layers is not None else ""
-    keep += ", starting from the fine-tuned teacher's weights" if s.init == "teacher" else ""
+    keep += s.start_text()
     mode = f"lora ({_describe_lora(s.lora)})" if s.mode == "lora" else s.mode
     print(f"student: {where}{keep}, mode {mode}, {k} labels")
     line = f"trainable parameters: {trainable:,}"

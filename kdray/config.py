@@ -193,6 +193,10 @@ class StudentConfig(TrainableModelConfig):
     layers. The baselines (no-KD, head-only) start from the same weights, so KD-vs-no-KD still
     measures the KD term alone."""
 
+    def start_text(self) -> str:
+        """Where the weights start, as the run's printed lines append it ("" for `pretrained`)."""
+        return ", starting from the fine-tuned teacher's weights" if self.init == "teacher" else ""
+
 
 @dataclass
 class TeacherConfig(TrainableModelConfig):

@@ -603,6 +603,7 @@ def distill_inputs(cfg: Any, task: Any, teacher: Any, train: TrainConfig | None 
     elif train.alpha < 1.0:
         data.teacher_logits = TeacherLogits.from_parquet(teacher.logits_path, teacher.transfer_logits_path)
     if student.init == "teacher":
-        data.student_base = data.teacher_model or to_payload(from_pretrained_dir(teacher.model_dir))
+        data.student_base = (data.teacher_model if data.teacher_model is not None
+                             else to_payload(from_pretrained_dir(teacher.model_dir)))
     job = DistillJob(student, train, task.label_names, tokenizer.pad_token_id, cfg.seed)
     return job, data

@@ -277,9 +277,8 @@ def describe(cfg: RunConfig, num_labels: int, n_layers: int) -> None:
     head = head_cost(s, num_labels)
     print(f"budget: {cfg.budget:,} trainable parameters; the head alone costs {head:,}")
     layers = "each layer in or out" if cfg.space.layers == "subset" else "all layers"
-    start = ", starting from the fine-tuned teacher's weights" if s.init == "teacher" else ""
-    print(f"student: {s.name or 'inline ' + s.config['model_type'] + ' config'}, {n_layers} layers{start} ({layers}); "
-          f"largest rank within budget with all {n_layers} layers:")
+    print(f"student: {s.name or 'inline ' + s.config['model_type'] + ' config'}, {n_layers} layers{s.start_text()} "
+          f"({layers}); largest rank within budget with all {n_layers} layers:")
     for ts in cfg.space.target_modules:
         lim = rank_limit(s, num_labels, ts, None)
         r = lim.max_rank(cfg.budget)
