@@ -1,28 +1,34 @@
 """One distillation (one trial) of a search space's student, through the trial engine.
 
-    python -m kdray.distill --space FILE [--set key=value ...] [--workers N]
+    python -m kdray.distill --space FILE [--set key=value ...] [--workers N] [--seeds N]
 
 The teacher stage runs first (cached). With one worker the loop runs in one Tune trial's
-process; with several, on a Ray Train worker group (`kdray.engine`).
+process; with several, on a Ray Train worker group (`kdray.engine`). `--seeds N` trains the
+same configuration with the final stage's seeds (`seed`, `seed + 1`, ...; one teacher) and
+prints the mean and spread of the last epoch's validation accuracy: one trial's figure moves
+by 1-2 points with its seed alone, so a change to the configuration is judged over seeds.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
+import statistics
 import time
 from pathlib import Path
 
 from kdray import metrics as M
 from kdray.cluster import add_cluster_arguments, init_ray, worker_overrides
 from kdray.config import add_space_arguments, help_epilog, load_config
-from kdray.errors import run_cli
+from kdray.errors import UserError, run_cli
 
 
 #: What `--help` shows as examples.
 EXAMPLES = (
     'kdray distill --space smoke',
     'kdray distill --space default --set train.alpha=0.3 --set student.lora.r=8',
+    'kdray distill --space default --set student.lora.r=32 --seeds 3',
 )
 
 
@@ -35,7 +41,12 @@ def main(argv: list[str] | None = None) -> int:
     add_space_arguments(ap, "train.alpha=0.3")
     add_cluster_arguments(ap)
     ap.add_argument("--output-dir", default="runs", help="where runs/<name>/ goes (default: ./runs)")
+    ap.add_argument("--seeds", type=int, default=1,
+                    help="train with N seeds (the final stage's: seed, seed+1, ...; one teacher) and print "
+                         "the mean and std of the last epoch's validation accuracy (default 1)")
     args = ap.parse_args(argv)
+    if args.seeds < 1:
+        raise UserError(f"--seeds: {args.seeds} is not a number of runs; give 1 or more, e.g. --seeds 3.")
     cfg = load_config(args.space, args.overrides + worker_overrides(args))
     from kdray.sources import check_models
 
@@ -61,16 +72,31 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     resources = trial_resources(cfg.resources, 1, probe=gpu_probe(job, cfg.data.max_length),
                                 precision=cfg.train.precision)
-    spec = TrialSpec(distill_entry, job, ray.put(data), resources, str(run_dir / "train"))
-    result = run_one(spec, "distill")
-    with result.checkpoint.as_directory() as d:
-        history = json.loads((Path(d) / "state.json").read_text())["history"]
+    shared = ray.put(data)
+    last = []
+    for seed in range(cfg.seed, cfg.seed + args.seeds):
+        spec = TrialSpec(distill_entry, dataclasses.replace(job, seed=seed), shared, resources, str(run_dir / "train"))
+        result = run_one(spec, "distill")
+        with result.checkpoint.as_directory() as d:
+            history = json.loads((Path(d) / "state.json").read_text())["history"]
+        print_history(history, seed if args.seeds > 1 else None)
+        last.append(history[-1][M.VAL_ACCURACY])
+    if len(last) > 1:
+        print(f"val acc after the last epoch over {len(last)} seeds ({cfg.seed}-{cfg.seed + len(last) - 1}): "
+              f"mean {statistics.mean(last):.4f}, std {statistics.stdev(last):.4f} "
+              f"({', '.join(f'{v:.4f}' for v in last)})")
+    print(f"distillation: {time.perf_counter() - t0:.0f}s; checkpoints under {run_dir / 'train'}")
+    return 0
+
+
+def print_history(history: list[dict], seed: int | None) -> None:
+    """One run's per-epoch metrics as a table (headed by its seed when several run)."""
+    if seed is not None:
+        print(f"seed {seed}:")
     print(f"{'epoch':>5} {'train loss':>10} {'ce':>7} {'kd':>7} {'val loss':>8} {'val acc':>7} {'val f1':>7} {'s':>6}")
     for row in history:
         print(f"{row['epoch']:>5} {row[M.TRAIN_LOSS]:>10.4f} {row[M.TRAIN_CE]:>7.4f} {row[M.TRAIN_KD]:>7.4f} "
               f"{row[M.VAL_LOSS]:>8.4f} {row[M.VAL_ACCURACY]:>7.4f} {row[M.VAL_F1]:>7.4f} {row[M.EPOCH_SECONDS]:>6.1f}")
-    print(f"distillation: {time.perf_counter() - t0:.0f}s; checkpoints under {run_dir / 'train'}")
-    return 0
 
 
 if __name__ == "__main__":

@@ -128,6 +128,7 @@ CASES = [
           "--set student.init=pretrained"]),
     Case("budget-hub-offline", ["budget", "--space", "sst2"], ["sst2", "HF_HUB_OFFLINE"], env={"HF_HUB_OFFLINE": "1"}),
     # --- the other commands
+    Case("distill-seeds-zero", ["distill", "--space", "smoke", "--seeds", "0"], ["--seeds", "0", "1 or more"]),
     Case("final-missing-run", ["final", "--run", "nothere"], ["--run", "nothere"]),
     Case("final-malformed-run", ["final", "--run", "junk"], ["--run", "junk", "config.yaml"],
          files={"junk/notes.txt": "x"}),

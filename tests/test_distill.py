@@ -251,3 +251,28 @@ def test_two_worker_ray_train_run_reports_each_epoch_and_resumes(ray_cluster, sm
     state = json.loads((resumed_ckpts[0] / "state.json").read_text())
     assert state["epochs_done"] == 2 and [h["epoch"] for h in state["history"]] == [1, 2]
     assert state["history"][0] == history[0]
+
+
+def test_distill_cli_trains_each_seed_and_summarises_them(ray_cluster, tmp_path, capsys):
+    """`kdray distill --seeds 2`: two runs of one configuration with the final stage's seeds
+    (seed, seed + 1) against one teacher, each seed's table, and the mean and std of their last
+    validation accuracies. The seeds must reach the trial: the two runs train differently."""
+    import re
+    import statistics
+
+    from kdray import distill
+
+    assert distill.main(["--space", "smoke", "--seeds", "2", "--set", "seed=3", "--set", "train.epochs=1",
+                         "--set", "train.learning_rate=0.05", "--output-dir", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "seed 3:" in out and "seed 4:" in out, out[-3000:]
+    # epoch 1's train loss, ce, kd, val loss and val acc
+    rows = re.findall(r"^\s+1\s+([\d.]+\s+[\d.]+\s+[\d.]+\s+[\d.]+)\s+([\d.]+)", out, flags=re.M)
+    assert len(rows) == 2, out[-3000:]
+    (losses3, acc3), (losses4, acc4) = rows
+    assert losses3 != losses4, "both seeds trained alike: the seed did not reach the trial"
+    summary = re.search(r"over 2 seeds \(3-4\): mean ([\d.]+), std ([\d.]+)", out)
+    assert summary, out[-3000:]
+    accs = [float(acc3), float(acc4)]
+    assert float(summary[1]) == pytest.approx(statistics.mean(accs), abs=1e-4)
+    assert float(summary[2]) == pytest.approx(statistics.stdev(accs), abs=1e-4)
