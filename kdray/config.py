@@ -324,6 +324,11 @@ class RunConfig:
         if problems:
             raise UserError(problems, where=self.source_file)
 
+    def repeat_seeds(self, n: int) -> range:
+        """The seeds of `n` runs of one configuration: `seed`, `seed + 1`, ... The final stage
+        retrains with them, and `kdray distill --seeds` repeats a trial with the same ones."""
+        return range(self.seed, self.seed + n)
+
 
 # ----------------------------------------------------------------------------- loading
 
@@ -346,6 +351,12 @@ def add_space_arguments(parser: Any, set_example: str) -> None:
     parser.add_argument("--space", help="search-space YAML, or a shipped space's name (default: default)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help=f"override a config field, e.g. --set {set_example} (repeatable)")
+
+
+def check_seeds_flag(seeds: int | None) -> None:
+    """A `--seeds N` flag (`kdray final`, `kdray distill`): N runs per configuration, at least one."""
+    if seeds is not None and seeds < 1:
+        raise UserError(f"--seeds {seeds}: needs at least 1 seed; give 1 or more, e.g. --seeds 3.")
 
 
 def resolve_space_path(space: str | os.PathLike | None) -> Path:

@@ -20,8 +20,8 @@ from pathlib import Path
 
 from kdray import metrics as M
 from kdray.cluster import add_cluster_arguments, init_ray, worker_overrides
-from kdray.config import add_space_arguments, help_epilog, load_config
-from kdray.errors import UserError, run_cli
+from kdray.config import add_space_arguments, check_seeds_flag, help_epilog, load_config
+from kdray.errors import run_cli
 
 
 #: What `--help` shows as examples.
@@ -45,8 +45,7 @@ def main(argv: list[str] | None = None) -> int:
                     help="train with N seeds (the final stage's: seed, seed+1, ...; one teacher) and print "
                          "the mean and std of the last epoch's validation accuracy (default 1)")
     args = ap.parse_args(argv)
-    if args.seeds < 1:
-        raise UserError(f"--seeds: {args.seeds} is not a number of runs; give 1 or more, e.g. --seeds 3.")
+    check_seeds_flag(args.seeds)
     cfg = load_config(args.space, args.overrides + worker_overrides(args))
     from kdray.sources import check_models
 
@@ -74,7 +73,8 @@ def main(argv: list[str] | None = None) -> int:
                                 precision=cfg.train.precision)
     shared = ray.put(data)
     last = []
-    for seed in range(cfg.seed, cfg.seed + args.seeds):
+    seeds = cfg.repeat_seeds(args.seeds)
+    for seed in seeds:
         spec = TrialSpec(distill_entry, dataclasses.replace(job, seed=seed), shared, resources, str(run_dir / "train"))
         result = run_one(spec, "distill")
         with result.checkpoint.as_directory() as d:
@@ -82,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
         print_history(history, seed if args.seeds > 1 else None)
         last.append(history[-1][M.VAL_ACCURACY])
     if len(last) > 1:
-        print(f"val acc after the last epoch over {len(last)} seeds ({cfg.seed}-{cfg.seed + len(last) - 1}): "
+        print(f"val acc after the last epoch over {len(last)} seeds ({seeds[0]}-{seeds[-1]}): "
               f"mean {statistics.mean(last):.4f}, std {statistics.stdev(last):.4f} "
               f"({', '.join(f'{v:.4f}' for v in last)})")
     print(f"distillation: {time.perf_counter() - t0:.0f}s; checkpoints under {run_dir / 'train'}")

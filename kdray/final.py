@@ -36,7 +36,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from kdray import metrics as M
-from kdray.config import RunConfig, help_epilog
+from kdray.config import RunConfig, check_seeds_flag, help_epilog
 from kdray.errors import UserError, run_cli
 from kdray.machine import device_name
 from kdray.rundir import RunDir
@@ -77,8 +77,8 @@ def final_cases(cfg: RunConfig, best: dict[str, Any], num_labels: int, seeds: in
     # Variant by variant, the cheap head-only runs last: they fill the slots the last long runs
     # leave idle instead of a long run finishing alone.
     for variant, change in variants.items():
-        for i in range(seeds):
-            case = dataclasses.replace(chosen, **change, variant=variant, seed=cfg.seed + i)
+        for seed in cfg.repeat_seeds(seeds):
+            case = dataclasses.replace(chosen, **change, variant=variant, seed=seed)
             cases.append(dataclasses.replace(case, trainable_params=count(case.student(cfg.student), num_labels)))
     return cases
 
@@ -565,8 +565,7 @@ def main(argv: list[str] | None = None) -> int:
                     help="wandb mode of the final run (default: online with WANDB_API_KEY set, else offline)")
     args = ap.parse_args(argv)
     cfg, run_dir = load_run(args.run)
-    if args.seeds is not None and args.seeds < 1:
-        raise UserError(f"--seeds {args.seeds}: needs at least 1 seed.")
+    check_seeds_flag(args.seeds)
 
     from kdray.data import load_data
     from kdray.report import write_report
