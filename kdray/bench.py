@@ -357,7 +357,7 @@ def print_overhead(r: dict) -> None:
     print(f"  trial slots busy in the training loop: {100 * r['busy_share_of_search_wall']:.1f}% of the search's "
           f"wall time (target >= 85%)")
     g = r["gpu"]
-    print(f"  GPU busy (NVML, every {g.get('interval_s', 2):g} s): {g['gpu_busy_mean_pct']:.0f}% on average (target >= 80%)"
+    print(f"  GPU busy (NVML, each trial's own GPU): {g['gpu_busy_mean_pct']:.0f}% on average (target >= 80%)"
           if g["gpu_busy_mean_pct"] is not None else f"  GPU busy: needs a GPU ({g.get('why')})")
 
 
@@ -373,10 +373,11 @@ def bench_search(args: argparse.Namespace) -> dict:
     not timed; kdray's one-off teacher-logits pass is added to its time."""
     import tempfile
 
+    from kdray.cluster import start
     from kdray.config import load_config
     from kdray.data import load_data
     from kdray.models import encoder_count
-    from kdray.teacher import prepare_teacher
+    from kdray.pipeline import teacher_and_inputs
 
     trials, epochs = (4, 1) if args.quick else (args.trials, args.epochs)
     # No transfer set: the peer trains on the labelled rows only, so kdray's trials do too (a
@@ -385,20 +386,18 @@ def bench_search(args: argparse.Namespace) -> dict:
     cfg = load_config(args.space, overrides, budget=args.budget)
     task = load_data(cfg.data)
     n_layers = encoder_count(cfg.student, task.num_labels)
-    from kdray.cluster import init_ray
-
-    init_ray()
-    teacher = prepare_teacher(cfg, task)
+    plan = start(cfg, None)
     from kdray.rundir import RunDir
     from kdray.study import run_search
 
     with tempfile.TemporaryDirectory(prefix="kdray-bench-search-") as tmp:
         work = Path(tmp)
+        teacher, inputs, students = teacher_and_inputs(cfg, task, plan, work / "kdray" / cfg.name)
         print(f"== peer: HF Trainer.hyperparameter_search(optuna), {trials} trials x {epochs} epoch(s), teacher online")
         peer = run_peer(cfg, task, teacher, n_layers, trials, work / "peer")
         print(f"== kdray: {trials} trials x {epochs} epoch(s), concurrency {cfg.search.concurrency}")
         t0 = time.perf_counter()
-        result = run_search(cfg, task, RunDir(work / "kdray" / cfg.name), n_layers)
+        result = run_search(cfg, task, RunDir(work / "kdray" / cfg.name), n_layers, inputs, students)
         seconds = time.perf_counter() - t0 + teacher.record["logits_seconds"]
         timing = trial_timings(work / "kdray" / cfg.name / "search")
     start = min(t["start"] for t in timing)

@@ -14,12 +14,12 @@ import sys
 from kdray import __version__
 from kdray.errors import UserError, run_cli
 
-#: command -> (module with `main(argv)`, one line of help)
+#: command -> (`module` with `main(argv)`, or `module:function`; one line of help)
 COMMANDS: dict[str, tuple[str, str]] = {
     "search": ("kdray.pipeline", "the main command: teacher, search, final stage and report"),
     "teacher": ("kdray.teacher", "fine-tune the teacher (or find it in the cache) and its logits"),
     "distill": ("kdray.distill", "one distillation (one trial) of the space's student"),
-    "final": ("kdray.final", "rerun the final stage of a search: retrain, baselines, benchmark"),
+    "final": ("kdray.pipeline:rerun_final", "rerun the final stage of a search: retrain, baselines, benchmark"),
     "report": ("kdray.report", "rebuild a run's report.md, results.json and plots/"),
     "predict": ("kdray.predict", "classify texts with a saved student"),
     "budget": ("kdray.budget", "count trainable parameters; the largest LoRA rank per module set"),
@@ -60,7 +60,8 @@ def main(argv: list[str] | None = None) -> int:
         close = difflib.get_close_matches(command, COMMANDS, n=1)
         hint = f"did you mean `kdray {close[0]}`? " if close else ""
         raise UserError(f"unknown command {command!r}. Fix: {hint}one of {', '.join(COMMANDS)} (kdray --help).")
-    return importlib.import_module(COMMANDS[command][0]).main(rest)
+    module, _, function = COMMANDS[command][0].partition(":")
+    return getattr(importlib.import_module(module), function or "main")(rest)
 
 
 def entry() -> None:

@@ -57,27 +57,68 @@ def init_ray(address: str | None = None, num_cpus: int | None = None, dashboard:
     """Start a local Ray (dashboard on 127.0.0.1) or join `address` / `$RAY_ADDRESS`.
     `dashboard=False` starts a local Ray without it, ~4 s sooner: for jobs whose every trial
     trains on one worker (in the trial's own process), which start no Train worker group for
-    the dashboard to free (`needs_dashboard`)."""
+    the dashboard to free (`needs_dashboard`). A local Ray gets this machine's GPUs (a
+    simulation's logical ones: `kdray.devices`), which this run then holds against other local
+    runs (`kdray.resources.hold_local_gpus`)."""
     import ray
 
     if ray.is_initialized():
         return
     check_address(address)
+    from kdray.cache import cache_root
     from kdray.console import VERBOSE_ENV, ray_init_options
+    from kdray.devices import SIMULATE_ENV, SIMULATED_MEMORY_ENV, refuse_simulation_on_real_gpus
+    from kdray.resources import hold_local_gpus, local_gpu_count
 
+    refuse_simulation_on_real_gpus()
     forwarded = ("WANDB_MODE", "WANDB_API_KEY", "WANDB_SILENT", "KDRAY_CACHE", "HF_HOME", "TRANSFORMERS_VERBOSITY",
-                 "HF_HUB_DISABLE_PROGRESS_BARS", "HF_DATASETS_DISABLE_PROGRESS_BARS", VERBOSE_ENV)
+                 "HF_HUB_DISABLE_PROGRESS_BARS", "HF_DATASETS_DISABLE_PROGRESS_BARS", VERBOSE_ENV, SIMULATE_ENV,
+                 SIMULATED_MEMORY_ENV)
     # Under `ray job submit` the job's own runtime env already reaches every worker, and Ray
     # refuses a driver runtime env that sets one of its variables again.
     job_env = json.loads(os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR", "{}")).get("runtime_env", {}) or {}
     env = {k: os.environ[k] for k in forwarded if k in os.environ and k not in job_env.get("env_vars", {})}
-    runtime_env = {"env_vars": env} if env else None
+    # A process that holds no GPU gets CUDA_VISIBLE_DEVICES="" from Ray itself (as before Ray
+    # 2.60, ray#54868); `kdray.devices.assigned` hides them too, for processes Ray starts otherwise.
+    if ZERO_GPU_ENV not in job_env.get("env_vars", {}):
+        env[ZERO_GPU_ENV] = "1"
+    runtime_env = {"env_vars": env}
     address = address or os.environ.get("RAY_ADDRESS")
     if address:
         ray.init(address=address, runtime_env=runtime_env, **ray_init_options())
     else:
-        ray.init(num_cpus=num_cpus, include_dashboard=dashboard, dashboard_host="127.0.0.1",
+        gpus = local_gpu_count()
+        _LOCAL_LOCKS.append(hold_local_gpus(cache_root() / "locks", gpus))
+        ray.init(num_cpus=num_cpus, num_gpus=gpus, include_dashboard=dashboard, dashboard_host="127.0.0.1",
                  runtime_env=runtime_env, **ray_init_options())
+
+
+#: Ray's switch back to setting CUDA_VISIBLE_DEVICES="" for processes that hold no GPU.
+ZERO_GPU_ENV = "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO"
+#: The local GPU lock of this process's Ray, held until the process ends.
+_LOCAL_LOCKS: list = []
+
+
+def start(cfg: Any, address: str | None, *, dashboard: bool | None = None, num_cpus: int | None = None) -> Any:
+    """Start or join Ray for a run of `cfg`, and plan where its teacher and trials train
+    (`kdray.resources.RunPlan`). A local run is planned from this machine before Ray starts, so
+    a placement it can never hold exits 2 with nothing started; a joined cluster is read once
+    Ray is up, and a plan that needs GPUs the cluster has not started yet waits for them."""
+    from kdray.resources import local_view, plan_run, read_view, wait_for_gpus
+
+    dashboard = needs_dashboard(cfg) if dashboard is None else dashboard
+    if cluster_address(address)[0] is None:
+        plan = plan_run(cfg, local_view(num_cpus))
+        init_ray(None, num_cpus=num_cpus, dashboard=dashboard)
+        return plan
+    init_ray(address, dashboard=dashboard)
+    view = read_view()
+    plan = plan_run(cfg, view, check=False)
+    if plan.on_gpu and view.gpus == 0:  # GPU nodes still to come: wait for the first, then check
+        roles = [r for r, p in ((cfg.teacher.resources or cfg.resources, plan.teacher), (cfg.resources, plan.students))
+                 if p.on_gpu]
+        view = wait_for_gpus(view, max(r.gpu_wait_s for r in roles))
+    return plan_run(cfg, view)
 
 
 def needs_dashboard(cfg: Any) -> bool:

@@ -166,12 +166,17 @@ class ResourcesConfig:
     cpus_per_worker: float = 1.0
     """CPUs reserved by each worker."""
     gpus_per_worker: float = 0.0
-    """GPUs per worker; fractions let several small students share one GPU. 0 with `device:
-    auto` = chosen from the machine (`kdray.engine.trial_resources`)."""
+    """GPUs per worker; a fraction lets small students share one GPU (one worker only: DDP
+    ranks need whole GPUs). 0: planned from the cluster (`kdray.resources`)."""
     device: str = "auto"
-    """`auto`: GPUs when the Ray cluster has them (students packed several per GPU, sized from
-    a measured peak memory; the teacher on whole GPUs), else CPUs; `cpu`: never a GPU; `gpu`:
-    GPUs, and an error where there are none. A `gpus_per_worker` above 0 is always used as given."""
+    """`auto`: GPUs when the Ray cluster has them or its autoscaler can add them (the teacher
+    and DDP ranks on whole GPUs; students spread over the GPUs, sharing one only when there are
+    more trials than GPUs and memory allows), else CPUs; `cpu`: never a GPU; `gpu`: GPUs, an
+    error where none can be had, and a wait for GPU nodes on a cluster still starting them. A
+    `gpus_per_worker` above 0 is used as given."""
+    gpu_wait_s: float = 900.0
+    """How long a run that plans GPUs waits for the first GPU node to join a cluster that has
+    none up yet (an autoscaler starting one, worker pods still coming up)."""
 
 
 @dataclass
@@ -712,6 +717,8 @@ def _check_values(cfg: RunConfig) -> list[str]:
             p.append(f"{section}.gpus_per_worker: {r.gpus_per_worker} must be 0 (CPU) or more.")
         if r.device not in ("auto", "cpu", "gpu"):
             p.append(f"{section}.device: {r.device!r} is unknown. Fix: auto, cpu or gpu.")
+        if r.gpu_wait_s < 0:
+            p.append(f"{section}.gpu_wait_s: {r.gpu_wait_s:g} seconds must be 0 or more. Fix: e.g. 900.")
     if cfg.teacher.mode not in ("full", "lora"):
         p.append(f"teacher.mode: {cfg.teacher.mode!r} is unknown. Fix: use full or lora.")
     s = cfg.student

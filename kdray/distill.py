@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 
 from kdray import metrics as M
-from kdray.cluster import add_cluster_arguments, init_ray, worker_overrides
+from kdray.cluster import add_cluster_arguments, worker_overrides
 from kdray.config import add_space_arguments, check_seeds_flag, help_epilog, load_config
 from kdray.errors import run_cli
 
@@ -54,28 +54,26 @@ def main(argv: list[str] | None = None) -> int:
     import ray
 
     from kdray.budget import count
+    from kdray.cluster import start
     from kdray.data import load_data
-    from kdray.engine import TrialSpec, distill_entry, gpu_probe, run_one, trial_resources
-    from kdray.loop import distill_inputs
-    from kdray.teacher import prepare_teacher
+    from kdray.engine import TrialSpec, distill_entry, run_one
+    from kdray.pipeline import teacher_and_inputs
 
     task = load_data(cfg.data)
     print(f"data: {task.description}")
     print(f"student: {count(cfg.student, task.num_labels):,} trainable parameters; alpha {cfg.train.alpha}, "
           f"T {cfg.train.temperature}, {cfg.train.epochs} epochs, {cfg.resources.workers} worker(s), "
           f"teacher logits {cfg.train.teacher_logits}")
-    init_ray(args.address)
+    plan = start(cfg, args.address)
     run_dir = Path(args.output_dir).resolve() / cfg.name
-    teacher = prepare_teacher(cfg, task, storage_path=run_dir / "train")
-    job, data = distill_inputs(cfg, task, teacher)
+    _, (job, data), students = teacher_and_inputs(cfg, task, plan, run_dir)
     t0 = time.perf_counter()
-    resources = trial_resources(cfg.resources, 1, probe=gpu_probe(job, cfg.data.max_length),
-                                precision=cfg.train.precision)
     shared = ray.put(data)
     last = []
     seeds = cfg.repeat_seeds(args.seeds)
     for seed in seeds:
-        spec = TrialSpec(distill_entry, dataclasses.replace(job, seed=seed), shared, resources, str(run_dir / "train"))
+        spec = TrialSpec(distill_entry, dataclasses.replace(job, seed=seed), shared, students.resources,
+                         str(run_dir / "train"))
         result = run_one(spec, "distill")
         with result.checkpoint.as_directory() as d:
             history = json.loads((Path(d) / "state.json").read_text())["history"]

@@ -11,15 +11,18 @@ of a trial whose node died work the same for all of them.
   worker group start: that start-up cost ~20-28 s per trial on 2 cores. Inside a Tune trial
   Ray Train's own `ray.train.get_context/report/get_checkpoint` (and so `prepare_model`) raise
   (ray#49454), and local mode runs no RunConfig callbacks: the entry reports to Tune itself
-  (`ray.tune.report` with a checkpoint) and resumes from `ray.tune.get_checkpoint()`;
-  `ray.train.torch.get_device()` gives the trial's device (RAY_NOTES.md).
+  (`ray.tune.report` with a checkpoint) and resumes from `ray.tune.get_checkpoint()`.
 - **Several workers**: the trial launches a `TorchTrainer` whose DDP workers run the entry
   (NCCL on whole GPUs, gloo on CPU), and `TuneReportCallback` forwards rank 0's reports.
+
+Every process takes its device from what Ray gave it (`kdray.devices.assigned`), not from
+`torch.cuda.is_available()`, and reports where it ran (`placement`: node, GPU ids, device; for
+several workers, every rank's) with each epoch, so a run shows where each trial trained.
 """
 
 from __future__ import annotations
 
-import dataclasses
+import json
 import logging
 import os
 import uuid
@@ -31,11 +34,8 @@ from typing import Any
 from kdray import metrics as M
 from kdray.cluster import NODE_ID
 from kdray.config import ResourcesConfig
+from kdray.resources import TRIAL_DRIVER_CPU
 from kdray.trials import TrialConfig, shape_note
-
-#: CPU the trial's own process holds when its Train workers do the work (several workers):
-#: it must not hold the CPUs its workers need, and Ray refuses 0 (RAY_NOTES.md).
-TRIAL_DRIVER_CPU = 0.01
 
 
 @dataclass
@@ -52,6 +52,8 @@ class Worker:
     """Moves a model to `device` (and wraps it in DDP with several workers)."""
     checkpoint: Any = None
     """The latest checkpoint of this trial (after a restore or retry), else None."""
+    placement: Any = None
+    """Where this worker runs (`kdray.devices.Placement`)."""
 
 
 @dataclass
@@ -94,11 +96,14 @@ def run_trial(config: dict[str, Any], spec: TrialSpec) -> None:
     from ray.train import ScalingConfig
     from ray.train.torch import TorchTrainer
 
+    from kdray.devices import forget_torchrun_env
+
     # Per-epoch INFO lines of Ray Train ("Running in local mode", "Checkpoint successfully
     # created at ...") would drown kdray's own progress lines.
     logging.getLogger("ray.train").setLevel(logging.WARNING)
     job = TrialConfig.of_tune(config).job(spec.job) if config else spec.job
     if spec.resources.workers == 1:
+        forget_torchrun_env()  # else local mode waits in init_process_group for ranks that never come
         _set_cpu_threads(spec.resources)
         TorchTrainer(_local_loop, train_loop_config={"spec": spec, "job": job},
                      scaling_config=ScalingConfig(num_workers=0)).fit()
@@ -120,25 +125,119 @@ def _set_cpu_threads(res: ResourcesConfig) -> None:
 
 def _local_loop(config: dict[str, Any]) -> None:
     """Ray Train local mode, in the Tune trial's process: rank 0 of 1, reports to Tune."""
-    import ray.train.torch
     import ray.tune
 
-    spec, device = config["spec"], ray.train.torch.get_device()
-    worker = Worker(0, 1, device, tune_report, lambda model: model.to(device), ray.tune.get_checkpoint())
-    spec.entry(config["job"], _get(spec.data), worker)
+    from kdray.devices import assigned, release_cached_memory
+
+    spec, where = config["spec"], assigned()
+    device = where.torch_device()
+    sampler = GpuBusy(device)
+    worker = Worker(0, 1, device, _reporter(tune_report, [where.as_dict()], sampler),
+                    lambda model: model.to(device), ray.tune.get_checkpoint(), where)
+    try:
+        spec.entry(config["job"], _get(spec.data), worker)
+    finally:
+        sampler.stop()
+        release_cached_memory(device)  # a reused trial process must not keep this trial's reserve
 
 
 def ddp_loop(config: dict[str, Any]) -> None:
-    """Ray Train worker of a several-worker run (DDP)."""
+    """Ray Train worker of a several-worker run (DDP): every rank on its own device."""
     import ray.train
-    import ray.train.torch
+    import torch.distributed as dist
 
-    spec, ctx = config["spec"], ray.train.get_context()
+    from kdray.devices import assigned, release_cached_memory
+
+    spec, ctx, where = config["spec"], ray.train.get_context(), assigned()
+    device = where.torch_device()
+    if device.type == "cuda":
+        import torch
+
+        torch.cuda.set_device(device)
+    ranks: list = [None] * ctx.get_world_size()
+    dist.all_gather_object(ranks, {"rank": ctx.get_world_rank(), **where.as_dict()})
     # This run's own latest checkpoint (after a worker failure) wins over one to start from.
     checkpoint = ray.train.get_checkpoint() or config.get("resume_from")
-    worker = Worker(ctx.get_world_rank(), ctx.get_world_size(), ray.train.torch.get_device(), train_report,
-                    ray.train.torch.prepare_model, checkpoint)
-    spec.entry(config["job"], _get(spec.data), worker)
+    sampler = GpuBusy(device)
+    worker = Worker(ctx.get_world_rank(), ctx.get_world_size(), device, _reporter(train_report, ranks, sampler),
+                    _ddp_wrapper(device), checkpoint, where)
+    try:
+        spec.entry(config["job"], _get(spec.data), worker)
+    finally:
+        sampler.stop()
+        release_cached_memory(device)
+
+
+def _ddp_wrapper(device: Any) -> Callable[[Any], Any]:
+    """Move a model to this rank's device and wrap it in DDP (Ray's `prepare_model` would move
+    it to `get_device()`, which is not the device kdray decided on in every case)."""
+    def prepare(model: Any) -> Any:
+        from torch.nn.parallel import DistributedDataParallel
+
+        model = model.to(device)
+        return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+
+    return prepare
+
+
+def _reporter(send: Callable[[dict, "str | None"], None], ranks: list[dict], sampler: "GpuBusy"
+              ) -> Callable[[dict, "str | None"], None]:
+    """A `Worker.report` that adds where the trial ran (`placement`: each rank's node, GPU ids
+    and device, as JSON) and its GPU's busy share over the epoch."""
+    placement = json.dumps(ranks)
+
+    def report(metrics: dict, checkpoint_dir: str | None) -> None:
+        send({**metrics, M.PLACEMENT: placement, **sampler.epoch()}, checkpoint_dir)
+
+    return report
+
+
+class GpuBusy:
+    """This process's own GPU's utilisation, sampled every `interval_s` by a background thread
+    through NVML (`torch.cuda.utilization`, which maps the visible device to its physical GPU).
+    Only the GPU this trial holds, on the node it runs on; nothing where there is no CUDA device
+    (a CPU trial, a simulation) or NVML cannot say (no nvidia-ml-py; MIG slices report no
+    utilisation): then `epoch()` says why once."""
+
+    def __init__(self, device: Any, interval_s: float = 1.0):
+        import threading
+
+        self.samples: list[float] = []
+        self.why: str | None = None
+        self._stop = threading.Event()
+        self._thread = None
+        if getattr(device, "type", "cpu") != "cuda":
+            return
+        try:
+            import torch
+
+            torch.cuda.utilization(device)
+        except Exception as e:  # no NVML, MIG: no utilisation to sample
+            self.why = f"no GPU utilisation: {type(e).__name__}: {e}"
+            return
+
+        def sample() -> None:
+            import torch
+
+            while not self._stop.wait(interval_s):
+                try:
+                    self.samples.append(float(torch.cuda.utilization(device)))
+                except Exception as e:  # a sampler must never end the trial
+                    self.why = f"GPU utilisation stopped: {type(e).__name__}: {e}"
+                    return
+
+        self._thread = threading.Thread(target=sample, daemon=True, name="kdray-gpu-busy")
+        self._thread.start()
+
+    def epoch(self) -> dict[str, Any]:
+        """The mean busy % since the last call (`gpu/busy_pct`), or why there is none."""
+        if self._thread is None:
+            return {M.GPU_BUSY_WHY: self.why} if self.why else {}
+        taken, self.samples = self.samples, []
+        return {M.GPU_BUSY: sum(taken) / len(taken)} if taken else {}
+
+    def stop(self) -> None:
+        self._stop.set()
 
 
 def _get(data: Any) -> Any:
@@ -180,7 +279,9 @@ def fit(loop: Callable[[dict], None], config: dict, *, name: str, storage_path: 
     restarted after its driver was killed continues from its last epoch checkpoint.
     """
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from kdray.devices import simulated
 
     use_gpu = resources.gpus_per_worker > 0
     per_worker = {"CPU": resources.cpus_per_worker, **({"GPU": resources.gpus_per_worker} if use_gpu else {})}
@@ -188,6 +289,8 @@ def fit(loop: Callable[[dict], None], config: dict, *, name: str, storage_path: 
     trainer = TorchTrainer(
         loop,
         train_loop_config=config,
+        # A simulation's logical GPUs compute on the CPU, where NCCL cannot run.
+        torch_config=TorchConfig(backend="gloo") if use_gpu and simulated() else None,
         scaling_config=ScalingConfig(num_workers=resources.workers, use_gpu=use_gpu,
                                      resources_per_worker=per_worker),
         run_config=RunConfig(
@@ -217,129 +320,13 @@ def distill_entry(job: Any, data: Any, worker: Worker) -> Any:
         return distill(job, data, worker.report, resume_from=d, **kw)
 
 
-def distill_spec(cfg: Any, job: Any, data: Any, storage: str, largest: Any) -> TrialSpec:
+def distill_spec(cfg: Any, job: Any, data: Any, storage: str, resources: ResourcesConfig) -> TrialSpec:
     """The spec of a stage's distillation trials (the search's, the final stage's): `job` and the
-    `DistillData` put in the object store once, resources sized for `cfg` (on a GPU from one
-    step of `largest`, the stage's most memory-hungry job), several-worker runs under `storage`."""
+    `DistillData` put in the object store once, each trial holding `resources` (the students'
+    `kdray.resources.Plan`), several-worker runs under `storage`."""
     import ray
 
-    resources = trial_resources(cfg.resources, cfg.search.concurrency, probe=gpu_probe(largest, cfg.data.max_length),
-                                precision=cfg.train.precision)
     return TrialSpec(distill_entry, job, ray.put(data), resources, storage, cfg.search.max_failures)
-
-
-# ----------------------------------------------------------------------------- resources
-
-#: Memory a CUDA process holds beyond its tensors (context, kernels, allocator slack).
-CUDA_PROCESS_OVERHEAD = 600 * 2**20
-#: More students than this on one GPU starve on the host side (one CPU-bound loop each).
-MAX_STUDENTS_PER_GPU = 8
-
-
-def students_per_gpu(peak_bytes: int, gpu_bytes: int) -> int:
-    """How many student trials fit one GPU: 90% of its memory over one trial's measured peak
-    plus its process overhead; at least 1, at most `MAX_STUDENTS_PER_GPU`."""
-    fits = int(0.9 * gpu_bytes // (peak_bytes + CUDA_PROCESS_OVERHEAD))
-    return max(1, min(MAX_STUDENTS_PER_GPU, fits))
-
-
-def trial_resources(res: ResourcesConfig, concurrency: int, *, role: str = "student",
-                    probe: Callable[[], tuple[int, int]] | None = None, precision: str = "auto") -> ResourcesConfig:
-    """The resources each trial of `role` (`student` or `teacher`) runs with, printed with what
-    its `precision` (`TrainConfig.precision`) trains in there.
-
-    `gpus_per_worker > 0` is used as given. Otherwise, with `device: auto` and GPUs in the
-    cluster (or `device: gpu`): the teacher and DDP ranks get whole GPUs (NCCL refuses two ranks
-    on one GPU, ray#48012); one-worker students share a GPU, as many as `probe()` (peak bytes of
-    one training step of the largest student, the GPU's bytes) says fit. Else CPUs, with the
-    workers' share of several-worker trials trimmed so `concurrency` trials fit (`_cpu_share`).
-    """
-    import ray
-
-    from kdray.errors import UserError
-    from kdray.loop import describe_precision
-
-    gpus = ray.cluster_resources().get("GPU", 0.0)
-    on_gpu = f"; {describe_precision(precision, 'cuda')}"
-    if res.gpus_per_worker > 0:
-        print(f"resources ({role}): {res.gpus_per_worker:g} GPU per worker, as configured{on_gpu}", flush=True)
-        return res
-    if res.device == "gpu" and gpus == 0:
-        raise UserError("resources.device: gpu, but the Ray cluster has no GPU. Fix: device: auto (CPUs here), "
-                        "or join a cluster with GPUs (--address).")
-    if res.device == "cpu" or gpus == 0:
-        why = "device: cpu" if res.device == "cpu" else "no GPU visible to Ray"
-        res = _cpu_share(res, concurrency)
-        print(f"resources ({role}): CPU ({why}), {res.cpus_per_worker:g} CPU per worker; "
-              f"{describe_precision(precision, 'cpu')}", flush=True)
-        return res
-    if role == "teacher" or res.workers > 1 or probe is None:
-        print(f"resources ({role}): 1 whole GPU per worker ({gpus:g} GPU(s) in the cluster){on_gpu}", flush=True)
-        return dataclasses.replace(res, gpus_per_worker=1.0)
-    peak, total = probe()
-    k = students_per_gpu(peak, total)
-    print(f"resources ({role}): {k} trials per GPU (one training step of the largest student peaks at "
-          f"{peak / 2**20:.0f} MiB of {total / 2**30:.0f} GiB), {gpus:g} GPU(s): up to {int(k * gpus)} trials at once"
-          f"{'' if concurrency >= k * gpus else f'; search.concurrency {concurrency} leaves GPU room idle'}{on_gpu}",
-          flush=True)
-    return dataclasses.replace(res, gpus_per_worker=int(100 / k) / 100)
-
-
-def _cpu_share(res: ResourcesConfig, concurrency: int) -> ResourcesConfig:
-    """Per-worker CPUs such that `concurrency` several-worker trials, drivers included, fit the
-    cluster at once.
-
-    Each such trial's process takes 0.01 CPU on top of its workers, so on 2 CPUs two trials of
-    one 1-CPU worker would need 2.02 and the second would wait forever for its worker group.
-    Shave the workers' share (0.98 CPU still runs one thread) rather than oversubscribe. The
-    share leaves room on one node for every trial's process: Ray tends to place the small ones
-    together. One-worker trials hold their worker's share themselves and need no shaving.
-    """
-    import ray
-
-    total = ray.cluster_resources().get("CPU", 0.0)
-    need = concurrency * (res.workers * res.cpus_per_worker + TRIAL_DRIVER_CPU)
-    if res.workers == 1 or total <= 0 or need <= total:
-        return res
-    largest = max(node["Resources"].get("CPU", 0.0) for node in ray.nodes() if node.get("Alive"))
-    share = int((min(total / concurrency, largest) - concurrency * TRIAL_DRIVER_CPU) / res.workers * 100) / 100
-    if share < 0.5:
-        return res  # far too small a cluster for this concurrency: trials will queue
-    print(f"resources: {concurrency} trials x ({res.workers} x {res.cpus_per_worker:g} CPU + "
-          f"{TRIAL_DRIVER_CPU} for the trial) exceed the cluster's {total:g} CPUs; using {share:g} CPU per worker")
-    return dataclasses.replace(res, cpus_per_worker=share)
-
-
-def gpu_probe(job: Any, max_length: int) -> Callable[[], tuple[int, int]]:
-    """`probe()` for `trial_resources`: one training step of `job`'s student at its batch size
-    and `max_length` tokens on one GPU, in a Ray task; returns (peak bytes, GPU bytes)."""
-    def probe() -> tuple[int, int]:
-        import ray
-
-        return ray.get(ray.remote(num_gpus=1, num_cpus=0)(_peak_memory).remote(job, max_length))
-
-    return probe
-
-
-def _peak_memory(job: Any, max_length: int) -> tuple[int, int]:
-    import torch
-
-    from kdray.loop import autocast_for, kd_loss
-    from kdray.models import build_student
-
-    device = torch.device("cuda")
-    model = build_student(job.model, job.num_labels, job.label_names, seed=job.seed).to(device).train()
-    b = job.train.batch_size
-    ids = torch.randint(1000, 2000, (b, max_length), device=device)
-    torch.cuda.reset_peak_memory_stats(device)
-    base = torch.cuda.memory_allocated(device)
-    with autocast_for(device, job.train.precision):
-        logits = model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits
-    loss, _, _ = kd_loss(logits, torch.zeros(b, dtype=torch.long, device=device), logits.detach(), 0.5, 2.0)
-    loss.backward()
-    adam_state = 2 * sum(p.numel() * 4 for p in model.parameters() if p.requires_grad)  # not made by one step
-    peak = torch.cuda.max_memory_allocated(device) - base + adam_state
-    return int(peak), int(torch.cuda.get_device_properties(device).total_memory)
 
 
 # ----------------------------------------------------------------------------- one run, and the results

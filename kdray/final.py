@@ -36,9 +36,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from kdray import metrics as M
-from kdray.config import RunConfig, check_seeds_flag, help_epilog
-from kdray.errors import UserError, run_cli
-from kdray.machine import device_name
+from kdray.config import RunConfig, help_epilog
+from kdray.errors import UserError
 from kdray.rundir import RunDir
 from kdray.trials import TrialConfig
 
@@ -83,17 +82,17 @@ def final_cases(cfg: RunConfig, best: dict[str, Any], num_labels: int, seeds: in
     return cases
 
 
-def train_cases(cfg: RunConfig, job: Any, data: Any, cases: list[TrialConfig],
-                storage: str) -> list[tuple[TrialConfig, str]]:
-    """Train every case as a Tune trial of the engine (Tune experiment and checkpoints under
-    `storage`); returns `(case, last checkpoint path)` per case."""
+def train_cases(cfg: RunConfig, job: Any, data: Any, cases: list[TrialConfig], storage: str,
+                plan: Any) -> list[tuple[TrialConfig, str]]:
+    """Train every case as a Tune trial of the engine, each holding what `plan` (the students'
+    `kdray.resources.Plan`) gives a trial (Tune experiment and checkpoints under `storage`);
+    returns `(case, last checkpoint path)` per case."""
     from ray import tune
 
     from kdray.cluster import storage_join
     from kdray.engine import checkpoint_path, distill_spec, progress_callback, tune_run_config, tune_trainable
 
-    # Every variant has the chosen shape: the first case's student is the largest.
-    spec = distill_spec(cfg, job, data, storage_join(storage, "train"), largest=cases[0].job(job))
+    spec = distill_spec(cfg, job, data, storage_join(storage, "train"), plan.resources)
     progress = progress_callback(label=lambda t: TrialConfig.of_tune(t.config).label(), total=len(cases),
                                  concurrency=cfg.search.concurrency)
     tuner = tune.Tuner(
@@ -212,63 +211,93 @@ def _memory_peak(device: torch.device, base: float) -> tuple[float, str]:
     return now - base, "rss_peak_growth" if is_peak else "rss_growth"
 
 
-def serving_precision(device: torch.device) -> str:
-    """The precision the final stage scores the test split and benchmarks in, whatever the
-    training ran in: what a user serving the saved fp32 model gets by default. bf16 autocast on
-    a GPU that has it; fp32 on a CPU, so the teacher and every student are scored alike."""
-    return "auto" if device.type == "cuda" else "fp32"
+@dataclasses.dataclass
+class Measured:
+    """What the final stage's measuring task sends back to the driver."""
+
+    runs: dict[str, list[dict]]
+    """Per variant, each retrained run's validation history and test scores."""
+    chosen: dict[str, tuple[TrialConfig, str]]
+    """Per variant, the run with the best last-epoch validation accuracy: (case, checkpoint)."""
+    benchmark: dict[str, dict]
+    """Per model, latency, throughput, size and peak memory."""
+    logits: dict[str, np.ndarray]
+    """Per benchmarked model, its test logits (the throughput pass's)."""
+    merge_diff: float
+    """Merged vs unmerged student: the largest difference of their test logits, in fp32."""
+
+
+def measure_models(device: torch.device, job: Any, base: Any, trained: list[tuple[TrialConfig, str]],
+                   s_test: Any, t_test: Any, teacher: dict, t_pad: int, cfg: RunConfig) -> Measured:
+    """The final stage's measuring, run as a Ray task on the students' kind of device
+    (`kdray.tasks.on_device`): every retrained model's test scores, then the benchmark of the
+    teacher (`teacher`: a `to_payload`), the shipped student merged and unmerged, and the
+    baselines, on the same test inputs. `base`: the weights the students started from."""
+    from kdray.loop import predict_logits, serving_precision
+    from kdray.models import from_payload
+
+    runs, chosen = score_runs(trained, job, s_test, device, len(job.label_names), cfg.final.throughput_batch_size,
+                              base)
+    case, path = chosen["student"]
+    loaders = {
+        "teacher": (lambda: from_payload(teacher), t_test, t_pad),
+        "student": (lambda: _merged(load_trained(job, case, path, base)[0]), s_test, job.pad_token_id),
+        "student_unmerged": (lambda: load_trained(job, case, path, base)[0], s_test, job.pad_token_id),
+    }
+    for v in ("no_kd", "head_only"):
+        if v in chosen:
+            loaders[v] = (lambda v=v: _merged(load_trained(job, *chosen[v], base)[0]), s_test, job.pad_token_id)
+    bench, logits = benchmark(loaders, device, cfg)
+    merged, unmerged = logits["student"], logits["student_unmerged"]
+    if serving_precision(device) != "fp32":  # the timed passes ran under autocast: compare the weights in fp32
+        merged, unmerged = (predict_logits(loaders[name][0]().to(device), s_test, cfg.final.throughput_batch_size,
+                                           job.pad_token_id, device, precision="fp32")
+                            for name in ("student", "student_unmerged"))
+    return Measured(runs, chosen, bench, logits, float(np.abs(merged - unmerged).max()))
 
 
 def benchmark(loaders: dict[str, tuple[Any, Any, int]], device: torch.device,
               cfg: RunConfig) -> tuple[dict[str, dict], dict[str, np.ndarray]]:
-    """Benchmark every `name: (load, test split, pad id)` in this process on the same inputs.
+    """Benchmark every `name: (load, test split, pad id)` in this process on the same inputs, in
+    serving precision (`kdray.loop.serving_precision`), throughput and latency alike.
 
     One model after another: load (peak memory counts load and inference: CUDA max allocated
-    on GPU, peak RSS growth on CPU, above what was in use before), `warmup_runs` passes, and one
-    pass over the whole test split at `throughput_batch_size` (throughput; its logits are
+    on GPU, peak RSS growth on CPU, above what was in use before), warm-up (`kdray.shapes.warm`),
+    and one pass over the whole test split at `throughput_batch_size` (throughput; its logits are
     returned). Then latency: `latency_runs` batch-1 passes over the first test examples, every
     model in turn on each example, so slow drifts of the machine (other processes, clocks)
     hit every model alike rather than whichever ran during them.
     """
     import torch
 
-    with torch.inference_mode():
-        return _benchmark(loaders, device, cfg)
-
-
-def _benchmark(loaders: dict[str, tuple[Any, Any, int]], device: torch.device,
-               cfg: RunConfig) -> tuple[dict[str, dict], dict[str, np.ndarray]]:
-    import torch
-
-    from kdray.loop import DeviceSplit, model_inputs, predict_logits
-    from kdray.shapes import interleaved_latency
+    from kdray.loop import DeviceSplit, autocast_for, predict_logits, serving_precision
+    from kdray.shapes import interleaved_latency, single_inputs, warm
 
     fc = cfg.final
+    precision = serving_precision(device)
+    autocast = autocast_for(device, precision)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    models, singles, out, logits = {}, {}, {}, {}
-    for name, (load, split, pad) in loaders.items():
-        base = _memory_mark(device)
-        model = load().to(device).eval()
-        resident = DeviceSplit(split, pad, device)
-        singles[name] = [model_inputs(resident.batch(np.array([i % len(split)]))) for i in range(fc.latency_runs)]
-        for i in range(fc.warmup_runs):
-            model(**singles[name][i % fc.latency_runs])
-        if device.type == "cuda":
-            # CUDA picks kernels per new shape and loads them lazily: a first pass over every
-            # batch shape costs 10-18x a warm one and would be charged to whoever runs first.
-            predict_logits(model, resident, fc.throughput_batch_size, pad, device, precision=serving_precision(device))
-        sync()
-        t0 = time.perf_counter()
-        logits[name] = predict_logits(model, resident, fc.throughput_batch_size, pad, device,
-                                      precision=serving_precision(device))
-        sync()
-        seconds = time.perf_counter() - t0
-        peak, kind = _memory_peak(device, base)
-        out[name] = {"total_params": total_params(model), "size_mb": weights_mb(model),
-                     "throughput_per_s": len(split) / seconds, "throughput_batch_size": fc.throughput_batch_size,
-                     "peak_memory_mb": float(peak), "memory_kind": kind}
-        models[name] = model
-    times = interleaved_latency({name: (model, singles[name]) for name, model in models.items()}, fc.latency_runs, sync)
+    models, out, logits = {}, {}, {}
+    with torch.inference_mode():
+        for name, (load, split, pad) in loaders.items():
+            base = _memory_mark(device)
+            model = load().to(device).eval()
+            resident = DeviceSplit(split, pad, device)
+            singles = single_inputs(split, pad, device, fc.latency_runs)
+            warm({name: (model, singles)}, fc.warmup_runs, device, autocast)
+            if device.type == "cuda":  # every batch shape of the throughput pass, once
+                predict_logits(model, resident, fc.throughput_batch_size, pad, device, precision=precision)
+            sync()
+            t0 = time.perf_counter()
+            logits[name] = predict_logits(model, resident, fc.throughput_batch_size, pad, device, precision=precision)
+            sync()
+            seconds = time.perf_counter() - t0
+            peak, kind = _memory_peak(device, base)
+            out[name] = {"total_params": total_params(model), "size_mb": weights_mb(model),
+                         "throughput_per_s": len(split) / seconds, "throughput_batch_size": fc.throughput_batch_size,
+                         "peak_memory_mb": float(peak), "memory_kind": kind, "precision": precision}
+            models[name] = (model, singles)
+    times = interleaved_latency(models, fc.latency_runs, sync, autocast)
     for name, t in times.items():
         ms = np.asarray(t)
         out[name].update({"latency_ms_p50": float(np.percentile(ms, 50)), "latency_ms_p95": float(np.percentile(ms, 95)),
@@ -358,7 +387,7 @@ def score_runs(trained: list[tuple[TrialConfig, str]], job: Any, test: Any, devi
     """Every retrained model's validation history and test scores, per variant, and the run of
     each variant with the best last-epoch validation accuracy (chosen on validation, never test).
     `base`: the weights the students started from (`load_trained`)."""
-    from kdray.loop import predict_logits
+    from kdray.loop import predict_logits, serving_precision
 
     runs: dict[str, list[dict]] = {}
     chosen: dict[str, tuple[TrialConfig, str]] = {}
@@ -399,37 +428,64 @@ class FinalResult:
     """What `final/final.json` holds."""
 
 
-def run_final(cfg: RunConfig, task: Any, run_dir: Path, *, seeds: int | None = None) -> FinalResult:
+def run_final(cfg: RunConfig, task: Any, run: RunDir, teacher: Any, inputs: tuple[Any, Any], plan: Any,
+              best: dict[str, Any], *, seeds: int | None = None) -> FinalResult:
     """Retrain, select on validation, save the merged student, score on test, benchmark.
 
-    `run_dir` holds the search (`best_config.yaml`); Ray must be running (`kdray.cluster.init_ray`)."""
-    import torch
-
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-    import yaml
-    from transformers import AutoModelForSequenceClassification
-
-    from kdray.cluster import storage_join, storage_root
-    from kdray.data import tokenize
-    from kdray.loop import Split, distill_inputs, predict_logits
-    from kdray.models import from_pretrained_dir, load_tokenizer
-    from kdray.teacher import prepare_teacher
-
+    `teacher` is the teacher stage's `TeacherResult`, `inputs` the distillation inputs `(job,
+    data)` the search trained on, `plan` the students' `kdray.resources.Plan`, `best` the
+    search's choice. Ray must be running (`kdray.cluster.start`)."""
     t_start = time.perf_counter()
-    run = RunDir(run_dir)
-    best = yaml.safe_load(run.best_config.read_text())
     seeds = seeds if seeds is not None else cfg.final.seeds
-    final_dir = run.final
-    if final_dir.exists():
-        print(f"final: replacing the earlier final stage in {final_dir}")
-        shutil.rmtree(final_dir)
-    final_dir.mkdir(parents=True)
-    root = storage_root(cfg, run_dir)
-    storage = storage_join(root, final_dir.name)
-    teacher = prepare_teacher(cfg, task, storage_path=storage_join(root, "train"))
-    train = dataclasses.replace(cfg.train, alpha=float(best["train"]["alpha"]))
-    job, data = distill_inputs(cfg, task, teacher, train=train)
+    if run.final.exists():
+        print(f"final: replacing the earlier final stage in {run.final}")
+        shutil.rmtree(run.final)
+    run.final.mkdir(parents=True)
+    job, data = inputs
+    t0 = time.perf_counter()
+    trained, reused = _retrain(cfg, task, run, job, data, plan, best, seeds)
+    train_seconds = time.perf_counter() - t0
+    test = task.read_test("final")  # the test split is read here and nowhere else
+    measured, where, s_test, t_test = _measure(cfg, task, test, teacher, job, data, plan, trained)
+    s_tok = _tokenizer(cfg.student)
+    case, path = measured.chosen["student"]
+    student_dir = save_student(load_trained(job, case, path, data.student_base)[0], s_tok, run, cfg, case,
+                               task.label_names)
+    errors = _errors_and_predictions(cfg, task, test, s_test, t_test, measured, run)
+    record = {
+        "seeds": seeds, "device": where["device_name"], "device_type": where["device_type"],
+        "placement": where, "reused_search_trial": best["trial_id"] if reused else None,
+        "train_seconds": train_seconds, "seconds": time.perf_counter() - t_start,
+        "data": {"description": task.description, "label_names": task.label_names,
+                 "sizes": {**{name: len(df) for name, df in task.splits.items()}, "test": len(test),
+                           **({"transfer": len(task.transfer)} if task.transfer is not None else {})},
+                 "test_reads": list(task.test_reads), **truncation_stats(test, s_tok, cfg.data.max_length)},
+        "teacher": {"val": {kk: teacher.record[kk] for kk in (M.VAL_ACCURACY, M.VAL_F1)},
+                    **split_scores(measured.logits["teacher"], t_test.labels, task.num_labels),
+                    "model": teacher.record.get("model"), "epochs": teacher.record.get("epochs"),
+                    "train_examples": teacher.record.get("train_examples")},
+        "variants": {v: {"description": VARIANTS[v], M.TRAINABLE_PARAMS: rs[0][M.TRAINABLE_PARAMS],
+                         "chosen_seed": measured.chosen[v][0].seed, "runs": rs,
+                         **{key: mean_std([r[key] for r in rs]) for key in
+                            (M.VAL_ACCURACY, M.TEST_ACCURACY, M.TEST_F1, M.TEST_PRECISION, M.TEST_RECALL)}}
+                     for v, rs in measured.runs.items()},
+        "benchmark": measured.benchmark,
+        "merge_max_abs_logit_diff": measured.merge_diff,
+        "error_analysis": errors,
+        "student_dir": str(student_dir), "adapter_dir": str(run.adapter),
+    }
+    run.final_json.write_text(json.dumps(record, indent=2))
+    print(f"final: done in {record['seconds']:.0f}s; merged vs unmerged logits differ by at most "
+          f"{measured.merge_diff:.2e}; student saved to {student_dir}")
+    return FinalResult(run.final, record)
+
+
+def _retrain(cfg: RunConfig, task: Any, run: RunDir, job: Any, data: Any, plan: Any, best: dict[str, Any],
+             seeds: int) -> tuple[list[tuple[TrialConfig, str]], bool]:
+    """Every final run `(case, checkpoint)`, and whether the student's own-seed run is the
+    search's chosen trial (not retrained: it would repeat it)."""
+    from kdray.cluster import storage_join, storage_root
+
     cases = final_cases(cfg, best, task.num_labels, seeds)
     reused = []
     searched = search_checkpoint(run, best)
@@ -441,86 +497,56 @@ def run_final(cfg: RunConfig, task: Any, run_dir: Path, *, seeds: int | None = N
               f"and seed: a retrain would repeat it)")
     print(f"final: retraining the best configuration with {seeds} seed(s)"
           f"{' beside the no-KD and head-only baselines' if cfg.final.baselines else ''}: {len(cases)} runs")
-    t0 = time.perf_counter()
-    trained = reused + (train_cases(cfg, job, data, cases, storage) if cases else [])
-    train_seconds = time.perf_counter() - t0
+    storage = storage_join(storage_root(cfg, run.root), run.final.name)
+    return reused + (train_cases(cfg, job, data, cases, storage, plan) if cases else []), bool(reused)
 
-    # The test split is read here and nowhere else.
-    test = task.read_test("final")
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    s_tok, t_tok = load_tokenizer(cfg.student), load_tokenizer(cfg.teacher)
-    s_test = Split.from_dataset(tokenize(task, s_tok, cfg.data.max_length, cfg.cache_dir, test=test)[0]["test"])
-    t_test = Split.from_dataset(tokenize(task, t_tok, cfg.data.max_length, cfg.cache_dir, test=test)[0]["test"])
-    labels, k = s_test.labels, task.num_labels
-    texts = list(test["text"])
-    bs = cfg.final.throughput_batch_size
 
-    base = data.student_base
-    runs, chosen = score_runs(trained, job, s_test, device, k, bs, base)
+def _tokenizer(spec: Any) -> Any:
+    from kdray.models import load_tokenizer
 
-    case, path = chosen["student"]
-    student_dir = save_student(load_trained(job, case, path, base)[0], s_tok, run, cfg, case, task.label_names)
+    return load_tokenizer(spec)
 
-    print(f"final: benchmarking on {device_name(device)}: {len(s_test)} test examples, batch 1 x "
-          f"{cfg.final.latency_runs} and batch {bs}")
-    loaders = {
-        "teacher": (lambda: from_pretrained_dir(teacher.model_dir), t_test),
-        "student": (lambda: AutoModelForSequenceClassification.from_pretrained(student_dir, dtype=torch.float32),
-                    s_test),
-        "student_unmerged": (lambda: load_trained(job, case, path, base)[0], s_test),
-    }
-    for v in ("no_kd", "head_only"):
-        if v in chosen:
-            loaders[v] = (lambda v=v: _merged(load_trained(job, *chosen[v], base)[0]), s_test)
-    bench, logits_of = benchmark({name: (load, split, t_tok.pad_token_id if name == "teacher" else job.pad_token_id)
-                                  for name, (load, split) in loaders.items()}, device, cfg)
-    for name, b in bench.items():
+
+def _measure(cfg: RunConfig, task: Any, test: Any, teacher: Any, job: Any, data: Any, plan: Any,
+             trained: list[tuple[TrialConfig, str]]) -> tuple[Measured, dict[str, Any], Any, Any]:
+    """Score and benchmark on the students' kind of device (`measure_models` in a Ray task)."""
+    from kdray.data import tokenize
+    from kdray.loop import Split
+    from kdray.models import from_pretrained_dir, to_payload
+    from kdray.tasks import on_device
+
+    s_tok, t_tok = _tokenizer(cfg.student), _tokenizer(cfg.teacher)
+    s_test, t_test = (Split.from_dataset(tokenize(task, tok, cfg.data.max_length, cfg.cache_dir, test=test)[0]["test"])
+                      for tok in (s_tok, t_tok))
+    print(f"final: scoring and benchmarking on {'a GPU' if plan.on_gpu else 'CPUs'} of the cluster: {len(s_test)} test "
+          f"examples, batch 1 x {cfg.final.latency_runs} and batch {cfg.final.throughput_batch_size}")
+    measured, where = on_device(plan, measure_models, job, data.student_base, trained, s_test, t_test,
+                                to_payload(from_pretrained_dir(teacher.model_dir)), t_tok.pad_token_id, cfg)
+    print(f"final: measured on {where['device_name']}")
+    for name, b in measured.benchmark.items():
         b["description"] = BENCHMARKED[name]
         print(f"  {name:<17} p50 {b['latency_ms_p50']:7.2f} ms  p95 {b['latency_ms_p95']:7.2f} ms"
               f"  {b['throughput_per_s']:8.1f}/s  {b['size_mb']:7.1f} MB  peak memory {b['peak_memory_mb']:.0f} MB")
-    merged_logits, unmerged_logits = logits_of["student"], logits_of["student_unmerged"]
-    if serving_precision(device) != "fp32":  # the timed passes ran under autocast: compare the weights in fp32
-        merged_logits, unmerged_logits = (
-            predict_logits(load().to(device), s_test, bs, job.pad_token_id, device, precision="fp32")
-            for load in (loaders["student"][0], loaders["student_unmerged"][0]))
-    merge_diff = float(np.abs(merged_logits - unmerged_logits).max())
+    return measured, where, s_test, t_test
 
-    teacher_test = split_scores(logits_of["teacher"], t_test.labels, k)
-    s_logits = logits_of["student"]
-    s_prob = torch.softmax(torch.from_numpy(s_logits), -1).numpy()
-    s_pred, t_pred = s_logits.argmax(-1), logits_of["teacher"].argmax(-1)
-    errors = error_analysis(texts, labels, s_pred, s_prob.max(-1), t_pred, task.label_names,
+
+def _errors_and_predictions(cfg: RunConfig, task: Any, test: Any, s_test: Any, t_test: Any, measured: Measured,
+                            run: RunDir) -> dict[str, Any]:
+    """The shipped student's error analysis, and `final/predictions.parquet`."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    import torch
+
+    s_logits, t_logits = measured.logits["student"], measured.logits["teacher"]
+    s_prob = torch.softmax(torch.tensor(s_logits), -1).numpy().max(-1)
+    s_pred, t_pred = s_logits.argmax(-1), t_logits.argmax(-1)
+    texts = list(test["text"])
+    errors = error_analysis(texts, s_test.labels, s_pred, s_prob, t_pred, task.label_names,
                             cfg.final.examples_per_bucket)
-    pq.write_table(pa.table({
-        "example_id": s_test.example_ids, "text": texts, "label": labels, "student_pred": s_pred,
-        "student_prob": s_prob.max(-1).astype(np.float32), "teacher_pred": t_pred,
-    }), run.predictions)
-
-    record = {
-        "seeds": seeds, "device": device_name(device), "device_type": device.type,
-        "reused_search_trial": best["trial_id"] if reused else None,
-        "train_seconds": train_seconds, "seconds": time.perf_counter() - t_start,
-        "data": {"description": task.description, "label_names": task.label_names,
-                 "sizes": {**{name: len(df) for name, df in task.splits.items()}, "test": len(test),
-                           **({"transfer": len(task.transfer)} if task.transfer is not None else {})},
-                 "test_reads": list(task.test_reads), **truncation_stats(test, s_tok, cfg.data.max_length)},
-        "teacher": {"val": {kk: teacher.record[kk] for kk in (M.VAL_ACCURACY, M.VAL_F1)}, **teacher_test,
-                    "model": teacher.record.get("model"), "epochs": teacher.record.get("epochs"),
-                    "train_examples": teacher.record.get("train_examples")},
-        "variants": {v: {"description": VARIANTS[v], M.TRAINABLE_PARAMS: rs[0][M.TRAINABLE_PARAMS],
-                         "chosen_seed": chosen[v][0].seed, "runs": rs,
-                         **{key: mean_std([r[key] for r in rs]) for key in
-                            (M.VAL_ACCURACY, M.TEST_ACCURACY, M.TEST_F1, M.TEST_PRECISION, M.TEST_RECALL)}}
-                     for v, rs in runs.items()},
-        "benchmark": bench,
-        "merge_max_abs_logit_diff": merge_diff,
-        "error_analysis": errors,
-        "student_dir": str(student_dir), "adapter_dir": str(run.adapter),
-    }
-    run.final_json.write_text(json.dumps(record, indent=2))
-    print(f"final: done in {record['seconds']:.0f}s; merged vs unmerged logits differ by at most {merge_diff:.2e}; "
-          f"student saved to {student_dir}")
-    return FinalResult(final_dir, record)
+    pq.write_table(pa.table({"example_id": s_test.example_ids, "text": texts, "label": s_test.labels,
+                             "student_pred": s_pred, "student_prob": s_prob.astype(np.float32),
+                             "teacher_pred": t_pred}), run.predictions)
+    return errors
 
 
 def _merged(model: nn.Module) -> nn.Module:
@@ -549,8 +575,8 @@ EXAMPLES = (
 )
 
 
-def main(argv: list[str] | None = None) -> int:
-    from kdray.cluster import add_cluster_arguments, init_ray
+def build_parser() -> argparse.ArgumentParser:
+    from kdray.cluster import add_cluster_arguments
 
     ap = argparse.ArgumentParser(
         prog="kdray final", formatter_class=argparse.RawDescriptionHelpFormatter, epilog=help_epilog(*EXAMPLES),
@@ -563,21 +589,11 @@ def main(argv: list[str] | None = None) -> int:
     add_cluster_arguments(ap, workers=False)
     ap.add_argument("--wandb", choices=["online", "offline", "disabled"],
                     help="wandb mode of the final run (default: online with WANDB_API_KEY set, else offline)")
-    args = ap.parse_args(argv)
-    cfg, run_dir = load_run(args.run)
-    check_seeds_flag(args.seeds)
-
-    from kdray.data import load_data
-    from kdray.report import write_report
-    from kdray.tracking import wandb_mode_of
-
-    wandb_mode = wandb_mode_of(args.wandb)
-    task = load_data(cfg.data)
-    init_ray(args.address)
-    run_final(cfg, task, run_dir, seeds=args.seeds)
-    write_report(run_dir, wandb_mode=wandb_mode)
-    return 0
+    return ap
 
 
 if __name__ == "__main__":
-    run_cli(main)
+    from kdray.errors import run_cli
+    from kdray.pipeline import rerun_final
+
+    run_cli(rerun_final)

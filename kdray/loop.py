@@ -366,7 +366,9 @@ def native_bf16(device: torch.device) -> bool:
     """Whether `device` computes bf16 in hardware: a CUDA GPU that supports it (Ampere on), a CPU
     with AVX512-BF16 or AMX. Elsewhere bf16 is emulated and slower than fp32."""
     if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
+        # Compute capability 8 (Ampere) and later. `torch.cuda.is_bf16_supported()` also says
+        # yes for T4 and V100, where bf16 is emulated and slower than fp32.
+        return torch.cuda.get_device_properties(device).major >= 8
     if device.type != "cpu":
         return False
     try:  # a private but stable probe (torch >= 2.3); without it, assume no
@@ -399,6 +401,13 @@ def describe_precision(precision: str, device_type: str) -> str:
     here = resolve_precision(torch.device("cpu"), "auto")
     why = "has AVX512-BF16 or AMX" if here == "bf16" else "has neither AVX512-BF16 nor AMX"
     return f"{here} (train.precision auto: this machine's CPU {why})"
+
+
+def serving_precision(device: torch.device) -> str:
+    """The precision test scores and benchmarks run in, whatever the training ran in: what a user
+    serving the saved fp32 model gets by default. bf16 autocast on a GPU that computes it
+    natively; fp32 on a CPU, so the teacher and every student are scored alike."""
+    return "auto" if device.type == "cuda" else "fp32"
 
 
 def autocast_for(device: torch.device, precision: str = "auto"):
@@ -441,7 +450,9 @@ def load_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimiz
     if trainable - set(weights):
         raise ValueError(f"checkpoint {path} lacks trainable weights {sorted(trainable - set(weights))[:3]}")
     if optimizer is not None:
-        state = torch.load(path / "optimizer.pt", weights_only=False)
+        # On the CPU first: a trial checkpointed on a GPU node may resume on a CPU one (or
+        # another GPU index); load_state_dict then moves the state to each parameter's device.
+        state = torch.load(path / "optimizer.pt", weights_only=False, map_location="cpu")
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
     st = json.loads((path / "state.json").read_text())
@@ -571,9 +582,10 @@ def distill(job: DistillJob, data: DistillData, report: Report, *, rank: int = 0
 # ----------------------------------------------------------------------------- inputs
 
 
-def distill_inputs(cfg: Any, task: Any, teacher: Any, train: TrainConfig | None = None
-                   ) -> tuple[DistillJob, DistillData]:
-    """The job and the shared read-only data of a distillation of `cfg`'s student.
+def distill_inputs(cfg: Any, task: Any, teacher: Any) -> tuple[DistillJob, DistillData]:
+    """The job and the shared read-only data of the distillations of `cfg`'s student: the
+    search's trials and the final stage's runs alike. The teacher's logits (or, online, its
+    weights) come along when any of them distils: `train.alpha` or the space's below 1.
 
     `teacher` is the teacher stage's `TeacherResult`. The student is tokenized with its own
     tokenizer (cached); cached logits are keyed by example_id, so the teacher's tokenizer may
@@ -585,7 +597,8 @@ def distill_inputs(cfg: Any, task: Any, teacher: Any, train: TrainConfig | None 
     from kdray.errors import UserError
     from kdray.models import from_pretrained_dir, load_tokenizer, to_payload
 
-    train = train or cfg.train
+    train = cfg.train
+    distils = train.alpha < 1.0 or cfg.space.alpha[0] < 1.0
     student = cfg.student
     tokenizer = load_tokenizer(student)
     tokenized, _ = tokenize(task, tokenizer, cfg.data.max_length, cfg.cache_dir)
@@ -593,14 +606,14 @@ def distill_inputs(cfg: Any, task: Any, teacher: Any, train: TrainConfig | None 
     if task.transfer is not None:
         data.transfer = Split.from_dataset(tokenize(task, tokenizer, cfg.data.max_length, cfg.cache_dir,
                                                     extra="transfer")[0]["transfer"])
-    if train.alpha < 1.0 and train.teacher_logits == "online":
+    if distils and train.teacher_logits == "online":
         from transformers import AutoTokenizer
 
         if tokenizer_identity(AutoTokenizer.from_pretrained(teacher.model_dir)) != tokenizer_identity(tokenizer):
             raise UserError("train.teacher_logits: online mode runs the teacher on the student's batches, "
                             "but they use different tokenizers. Fix: use cached (the default).")
         data.teacher_model = to_payload(from_pretrained_dir(teacher.model_dir))
-    elif train.alpha < 1.0:
+    elif distils:
         data.teacher_logits = TeacherLogits.from_parquet(teacher.logits_path, teacher.transfer_logits_path)
     if student.init == "teacher":
         data.student_base = (data.teacher_model if data.teacher_model is not None

@@ -27,6 +27,12 @@ EPOCH_SECONDS = "time/epoch_s"
 """Seconds of one epoch's training steps."""
 EVAL_SECONDS = "time/eval_s"
 """Seconds of one epoch's validation pass."""
+PLACEMENT = "placement"
+"""Where a trial trained: JSON, one entry per rank (node id, the GPU ids Ray gave it, device)."""
+GPU_BUSY = "gpu/busy_pct"
+"""The trial's own GPU's mean utilisation over an epoch (NVML), on a CUDA device."""
+GPU_BUSY_WHY = "gpu/busy_why"
+"""Why a GPU trial has no utilisation figure (no NVML, a MIG slice)."""
 
 
 def classification_metrics(confusion: np.ndarray, prefix: str) -> dict[str, float]:

@@ -10,11 +10,13 @@ reads what the one before wrote into the run directory (`kdray.rundir.RunDir`).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import shutil
 from pathlib import Path
+from typing import Any
 
 from kdray.cluster import add_cluster_arguments
-from kdray.config import add_space_arguments, help_epilog, load_config, origin_of
+from kdray.config import add_space_arguments, check_seeds_flag, help_epilog, load_config, origin_of
 from kdray.errors import UserError
 from kdray.rundir import RunDir
 
@@ -83,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
                         where=origin_of(cfg, "student.mode"))
     from kdray.cluster import check_address
     from kdray.sources import check_models
-    from kdray.tracking import wandb_mode_of, wandb_sync_hint
+    from kdray.tracking import wandb_mode_of
 
     wandb_mode = wandb_mode_of(args.wandb)
     run = choose_run(args, cfg)
@@ -96,42 +98,108 @@ def main(argv: list[str] | None = None) -> int:
 
     task = load_data(cfg.data)  # bad data exits 2 here, before torch, Ray or Tune is imported
     from kdray.budget import require_feasible
-    from kdray.cluster import init_ray, needs_dashboard
+    from kdray.cluster import start
     from kdray.models import encoder_count
-    from kdray.study import describe, run_search, summarize, wandb_callback
+    from kdray.study import describe, wandb_callback
 
     require_feasible(cfg, task.num_labels)
-    shapes = None
-    if cfg.space.keep_layers or cfg.search.latency_budget_ms is not None or cfg.search.min_speedup is not None:
-        from kdray.shapes import describe_shapes, measure
-
-        shapes = measure(cfg, task)  # a latency budget no shape meets exits 2 here, before Ray
     if args.overwrite and run.root.exists():
         print(f"--overwrite: deleting the earlier run {run.root}")
         shutil.rmtree(run.root)
     n_layers = encoder_count(cfg.student, task.num_labels)
     describe(cfg, task.num_labels, n_layers)
-    if shapes is not None:
-        describe_shapes(shapes, cfg)
     # Before Ray starts: WANDB_MODE is set for this process and the ones Ray starts.
     wandb = wandb_callback(wandb_mode, cfg, run)
-    init_ray(args.address, dashboard=needs_dashboard(cfg))
-    result = run_search(cfg, task, run, n_layers, resume=args.resume, wandb=wandb, shapes=shapes)
+    plan = start(cfg, args.address)  # a local run's impossible placement exits 2 here, before Ray
+    run_pipeline(cfg, task, run, plan, n_layers=n_layers, resume=args.resume, wandb=wandb, wandb_mode=wandb_mode,
+                 final=not args.no_final)
+    if args.export is not None:
+        from kdray.report import export
+
+        export(run.root, Path(args.export))
+    return 0
+
+
+def run_pipeline(cfg: Any, task: Any, run: RunDir, plan: Any, *, n_layers: int, resume: bool = False,
+                 wandb: Any = None, wandb_mode: str = "disabled", final: bool = True) -> None:
+    """The stages in order, each once: shapes (when searched), teacher, distillation inputs,
+    the students' memory probe (on GPUs), search, final stage, report."""
+    import yaml
+
+    from kdray.cluster import warn_if_storage_is_local
+    from kdray.config import to_dict
+    from kdray.study import run_search, summarize
+    from kdray.tracking import wandb_sync_hint
+
+    print(f"data: {task.description}")
+    run.root.mkdir(parents=True, exist_ok=True)
+    run.config.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    warn_if_storage_is_local(cfg)
+    shapes = None
+    if cfg.space.keep_layers or cfg.search.latency_budget_ms is not None or cfg.search.min_speedup is not None:
+        from kdray.shapes import describe_shapes, measure
+
+        shapes = measure(cfg, task, plan.students)  # a latency budget no shape meets exits 2 here, before Tune
+        describe_shapes(shapes, cfg)
+    teacher, inputs, students = teacher_and_inputs(cfg, task, plan, run.root)
+    result = run_search(cfg, task, run, n_layers, inputs, students, resume=resume, wandb=wandb, shapes=shapes)
     summarize(result, cfg)
     if wandb_mode == "offline":
         print(wandb_sync_hint(run.wandb))
-    if args.no_final:
+    if not final:
         print(f"final stage skipped (--no-final); run it with: kdray final --run {run.root}")
-        return 0
+        return
     if result.best is None:
         raise RuntimeError("no trial reported a validation accuracy: nothing for the final stage to retrain")
     from kdray.final import run_final
-    from kdray.report import export, write_report
+    from kdray.report import write_report
 
-    run_final(cfg, task, run.root)
+    run_final(cfg, task, run, teacher, inputs, students, result.best)
     write_report(run.root, wandb_mode=wandb_mode)
-    if args.export is not None:
-        export(run.root, Path(args.export))
+
+
+def teacher_and_inputs(cfg: Any, task: Any, plan: Any, run_root: Path) -> tuple[Any, tuple[Any, Any], Any]:
+    """The teacher stage (cached), the distillation inputs `(job, data)` every student trial
+    shares, and the students' plan sized by the memory probe (on GPUs)."""
+    from kdray.cluster import storage_join, storage_root
+    from kdray.loop import distill_inputs
+    from kdray.study import largest_student
+    from kdray.tasks import size_students
+    from kdray.teacher import prepare_teacher
+
+    teacher = prepare_teacher(cfg, task, plan=plan.teacher, storage_path=storage_join(storage_root(cfg, run_root), "train"))
+    inputs = distill_inputs(cfg, task, teacher)
+    job, data = inputs
+    students = size_students(plan.students, dataclasses.replace(job, model=largest_student(cfg)), data,
+                             cfg.search.concurrency)
+    print(students.line(cfg.train.precision), flush=True)
+    return teacher, inputs, students
+
+
+def rerun_final(argv: list[str] | None = None) -> int:
+    """`kdray final --run DIR`: the final stage and report of a finished search, again."""
+    from kdray.final import build_parser as final_parser, load_run
+
+    args = final_parser().parse_args(argv)
+    cfg, run_dir = load_run(args.run)
+    check_seeds_flag(args.seeds)
+
+    import yaml
+
+    from kdray.cluster import start
+    from kdray.data import load_data
+    from kdray.final import run_final
+    from kdray.report import write_report
+    from kdray.tracking import wandb_mode_of
+
+    wandb_mode = wandb_mode_of(args.wandb)
+    task = load_data(cfg.data)
+    plan = start(cfg, args.address)
+    run = RunDir(run_dir)
+    best = yaml.safe_load(run.best_config.read_text())
+    teacher, inputs, students = teacher_and_inputs(cfg, task, plan, run.root)
+    run_final(cfg, task, run, teacher, inputs, students, best, seeds=args.seeds)
+    write_report(run_dir, wandb_mode=wandb_mode)
     return 0
 
 

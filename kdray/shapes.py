@@ -59,15 +59,19 @@ class ShapeTable:
     """The slowest batch-1 latency allowed (the latency budget, or the teacher's over the speed-up)."""
 
 
-def interleaved_latency(models: dict[str, tuple[Any, list[dict]]], runs: int, sync: Any = None) -> dict[str, list[float]]:
+def interleaved_latency(models: dict[str, tuple[Any, list[dict]]], runs: int, sync: Any = None,
+                        autocast: Any = None) -> dict[str, list[float]]:
     """Batch-1 latency in ms: `runs` timed forward passes per model over its own `inputs`, every
     model in turn on each example, so slow drifts of the machine (other processes, clocks) hit
-    every model alike rather than whichever ran during them. Warm the models first."""
+    every model alike rather than whichever ran during them. `autocast`: the precision context
+    the passes run under (the same as the throughput pass). Warm the models first (`warm`)."""
+    import contextlib
+
     import torch
 
     sync = sync or (lambda: None)
     times: dict[str, list[float]] = {name: [] for name in models}
-    with torch.inference_mode():
+    with torch.inference_mode(), (autocast if autocast is not None else contextlib.nullcontext()):
         for i in range(runs):
             for name, (model, inputs) in models.items():
                 sync()
@@ -78,23 +82,27 @@ def interleaved_latency(models: dict[str, tuple[Any, list[dict]]], runs: int, sy
     return times
 
 
-def measure(cfg: RunConfig, task: Any) -> ShapeTable:
+def measure(cfg: RunConfig, task: Any, plan: Any = None) -> ShapeTable:
     """Each candidate's and the teacher's batch-1 p50 latency (cached), the trainable-parameter
-    range of each candidate, and which fit the latency budget. A `UserError` when none does."""
+    range of each candidate, and which fit the latency budget. A `UserError` when none does.
+
+    Timed by a Ray task on the students' kind of device (`plan`: their `kdray.resources.Plan`;
+    without one, planned on the running Ray), where the final stage benchmarks too."""
     import torch
 
-    from kdray.machine import device_name
+    from kdray.tasks import on_device
 
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    plan = plan or _students_plan(cfg)
     shapes = student_shapes(cfg)
     # What decides the speed: each model's identity and shape, the inputs, the machine (not LoRA, not training).
     models = [{k: to_dict(m)[k] for k in ("name", "config", "tokenizer")} for m in (cfg.student, cfg.teacher)]
-    key = fingerprint("latency-v1", models, cfg.teacher.keep_layers, [shape_text(s) for s in shapes],
+    key = fingerprint("latency-v2", models, cfg.teacher.keep_layers, [shape_text(s) for s in shapes],
                       task.fingerprint, cfg.data.max_length, cfg.final.latency_runs, cfg.final.warmup_runs,
-                      device_name(device), torch.__version__)
+                      _device_key(plan), torch.__version__)
 
     def build(tmp) -> None:
-        (tmp / "latency.json").write_text(json.dumps(_time_shapes(cfg, task, shapes, device)))
+        ms, where = on_device(plan, _time_shapes, cfg, task.num_labels, shapes, *_validation_inputs(cfg, task))
+        (tmp / "latency.json").write_text(json.dumps({**ms, "device": where["device_name"], "placement": where}))
 
     path, hit = cached_dir("latency", key, build, cfg.cache_dir)
     ms = json.loads((path / "latency.json").read_text())
@@ -103,7 +111,7 @@ def measure(cfg: RunConfig, task: Any) -> ShapeTable:
     for shape in shapes:
         latency = ms["shapes"][str(shape_text(shape))]
         table.append(Shape(shape, latency, _param_range(cfg, task.num_labels, shape), limit is None or latency <= limit))
-    result = ShapeTable(table, ms["teacher"], device_name(device), hit, limit)
+    result = ShapeTable(table, ms["teacher"], ms["device"], hit, limit)
     if not any(s.fits for s in table):
         field = "search.latency_budget_ms" if cfg.search.latency_budget_ms is not None else "search.min_speedup"
         measured = ", ".join(f"{s.text or 'as configured'}: {s.latency_ms:.2f} ms" for s in table)
@@ -111,6 +119,26 @@ def measure(cfg: RunConfig, task: Any) -> ShapeTable:
                         f"{result.device}: {measured}; teacher {result.teacher_ms:.2f} ms). Fix: a looser "
                         f"--latency-budget, or shallower shapes in space.keep_layers.", where=origin_of(cfg, field))
     return result
+
+
+def _students_plan(cfg: RunConfig) -> Any:
+    from kdray.cluster import init_ray
+    from kdray.resources import plan_run, read_view
+
+    init_ray()
+    return plan_run(cfg, read_view()).students
+
+
+def _device_key(plan: Any) -> str:
+    """What the timing depends on about the machine, known before the task runs: the GPU kinds,
+    or this machine's CPU model and the threads a CPU task holds."""
+    if plan.on_gpu:
+        from kdray.devices import simulated
+
+        return f"gpu{' (simulated)' if simulated() else ''}"
+    import platform
+
+    return f"cpu x{plan.node_cpus:g} {platform.processor() or platform.machine()}"
 
 
 def _limit_ms(cfg: RunConfig, teacher_ms: float) -> float | None:
@@ -136,35 +164,68 @@ def _param_range(cfg: RunConfig, num_labels: int, shape: list[int] | None) -> tu
     return min(counts), max(counts)
 
 
-def _time_shapes(cfg: RunConfig, task: Any, shapes: list[list[int] | None], device: Any) -> dict:
-    """Build each shape (and the teacher) with random weights (latency does not depend on them),
-    warm each, then time them round-robin on the first validation examples."""
+def _validation_inputs(cfg: RunConfig, task: Any) -> tuple[Any, int, Any, int]:
+    """The validation split as the student's and the teacher's tokenizers make it, and their pad ids."""
+    from kdray.data import tokenize
+    from kdray.loop import Split
+    from kdray.models import load_tokenizer
+
+    out: list[Any] = []
+    for spec in (cfg.student, cfg.teacher):
+        tok = load_tokenizer(spec)
+        out += [Split.from_dataset(tokenize(task, tok, cfg.data.max_length, cfg.cache_dir)[0]["validation"]),
+                tok.pad_token_id]
+    return tuple(out)
+
+
+def _time_shapes(device: Any, cfg: RunConfig, num_labels: int, shapes: list[list[int] | None], student_split: Any,
+                 student_pad: int, teacher_split: Any, teacher_pad: int) -> dict:
+    """The task body: build each shape (and the teacher) with random weights (latency does not
+    depend on them) on `device`, warm each, then time them round-robin on the first validation
+    examples."""
     import numpy as np
     import torch
 
-    from kdray.data import tokenize
-    from kdray.loop import DeviceSplit, Split, model_inputs
-    from kdray.models import build_model, load_tokenizer
+    from kdray.models import build_model
 
-    runs, warmup = cfg.final.latency_runs, cfg.final.warmup_runs
-
-    def inputs(spec: Any) -> list[dict]:
-        tok = load_tokenizer(spec)
-        split = Split.from_dataset(tokenize(task, tok, cfg.data.max_length, cfg.cache_dir)[0]["validation"])
-        resident = DeviceSplit(split, tok.pad_token_id, device)
-        return [model_inputs(resident.batch(np.array([i % len(split)]))) for i in range(min(runs, len(split)))]
-
-    student_inputs = inputs(cfg.student)
-    models = {str(shape_text(s)): (build_model(dataclasses.replace(cfg.student, keep_layers=s), task.num_labels,
+    runs = cfg.final.latency_runs
+    student_inputs = single_inputs(student_split, student_pad, device, runs)
+    models = {str(shape_text(s)): (build_model(dataclasses.replace(cfg.student, keep_layers=s), num_labels,
                                                device=device).eval(), student_inputs) for s in shapes}
-    models["teacher"] = (build_model(cfg.teacher, task.num_labels, device=device).eval(), inputs(cfg.teacher))
-    with torch.inference_mode():
-        for model, xs in models.values():
-            for i in range(warmup):
-                model(**xs[i % len(xs)])
+    models["teacher"] = (build_model(cfg.teacher, num_labels, device=device).eval(),
+                         single_inputs(teacher_split, teacher_pad, device, runs))
+    from kdray.loop import autocast_for, serving_precision
+
+    autocast = autocast_for(device, serving_precision(device))
+    warm(models, cfg.final.warmup_runs, device, autocast)
     sync = torch.cuda.synchronize if device.type == "cuda" else None
-    p50 = {name: float(np.percentile(t, 50)) for name, t in interleaved_latency(models, runs, sync).items()}
+    p50 = {name: float(np.percentile(t, 50)) for name, t in interleaved_latency(models, runs, sync, autocast).items()}
     return {"teacher": p50.pop("teacher"), "shapes": p50}
+
+
+def single_inputs(split: Any, pad_id: int, device: Any, runs: int) -> list[dict]:
+    """Batch-1 inputs of the first `runs` examples of `split` (cycled), on `device`."""
+    import numpy as np
+
+    from kdray.loop import DeviceSplit, model_inputs
+
+    resident = DeviceSplit(split, pad_id, device)
+    return [model_inputs(resident.batch(np.array([i % len(split)]))) for i in range(min(runs, len(split)))]
+
+
+def warm(models: dict[str, tuple[Any, list[dict]]], warmup_runs: int, device: Any, autocast: Any) -> None:
+    """Untimed passes before timing, in the timed passes' precision (`autocast`). On CUDA every
+    timed input once: kernels are chosen and loaded per new shape, and a first pass at a new
+    length costs many times a warm one, which would land on whichever model meets that length
+    first. On a CPU `warmup_runs` passes."""
+    import torch
+
+    with torch.inference_mode(), autocast:
+        for model, xs in models.values():
+            for x in (xs if device.type == "cuda" else [xs[i % len(xs)] for i in range(warmup_runs)]):
+                model(**x)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
 
 
 def describe_shapes(table: ShapeTable, cfg: RunConfig) -> None:

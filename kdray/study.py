@@ -22,8 +22,7 @@ from ray.tune.search.optuna import OptunaSearch
 from kdray import metrics as M
 from kdray.budget import count, head_cost, rank_limit
 from kdray.cluster import NODE_ID
-from kdray.machine import GpuSampler
-from kdray.config import RunConfig, SpaceConfig, StudentConfig, student_shapes, to_dict
+from kdray.config import RunConfig, SpaceConfig, StudentConfig, student_shapes
 from kdray.rundir import RunDir
 from kdray.trials import (LAYER_PREFIX, REJECTED_ATTR, REJECTED_WHY_ATTR, SHAPE_PARAM, TrialConfig, shape_text,
                           status_counts)
@@ -211,9 +210,39 @@ def trial_rows(results: Any, budget: int) -> list[dict[str, Any]]:
             "epochs_run": epochs_run, "status": status,
             "wall_time_s": float(last.get("time_total_s", float("nan"))),
             "node": last.get(NODE_ID),
+            "placement": last.get(M.PLACEMENT),
+            "gpu_busy_pct": _mean(df[M.GPU_BUSY].dropna()) if df is not None and M.GPU_BUSY in df else None,
             "checkpoint_path": checkpoint_path(r),
         })
     return rows
+
+
+def _mean(values: Any) -> float | None:
+    return float(values.mean()) if len(values) else None
+
+
+def gpu_busy(results: Any) -> dict[str, Any]:
+    """How busy each GPU the trials held was, from the trials' own samples (`kdray.engine.GpuBusy`):
+    per (node, GPU id), the mean of its trials' per-epoch means; or why there is none."""
+    import json
+
+    per_gpu: dict[str, list[float]] = {}
+    why = set()
+    for r in results:
+        df = r.metrics_dataframe
+        if df is None:
+            continue
+        if M.GPU_BUSY_WHY in df:
+            why |= set(df[M.GPU_BUSY_WHY].dropna())
+        if M.GPU_BUSY not in df or M.PLACEMENT not in df:
+            continue
+        rank0 = json.loads(df[M.PLACEMENT].dropna().iloc[-1])[0]
+        key = f"{rank0['node_id'][:12]}:{','.join(rank0['gpu_ids'])}"
+        per_gpu.setdefault(key, []).extend(float(x) for x in df[M.GPU_BUSY].dropna())
+    if not per_gpu:
+        return {"gpu_busy_mean_pct": None, "why": "; ".join(sorted(why)) or "no trial held a CUDA GPU"}
+    means = {k: sum(v) / len(v) for k, v in per_gpu.items()}
+    return {"gpu_busy_mean_pct": sum(means.values()) / len(means), "gpu_busy_per_gpu_pct": means}
 
 
 def write_results(result: "SearchResult") -> None:
@@ -287,7 +316,7 @@ def describe(cfg: RunConfig, num_labels: int, n_layers: int) -> None:
               f"space ranks that fit: {ok or 'none (need fewer layers)'}")
     workers = cfg.resources.workers
     where = "in the trial's own process" if workers == 1 else f"on {workers} Ray Train (DDP) workers"
-    # The device each trial gets is printed once Ray is up (`kdray.engine.trial_resources`).
+    # The device each trial gets is printed once Ray is up (`kdray.resources.Plan.line`).
     print(f"search: {cfg.search.trials} trials, {cfg.search.concurrency} at a time, epochs {cfg.space.epochs}, "
           f"ASHA grace {cfg.search.grace_period} / factor {cfg.search.reduction_factor}; each trial trains {where}")
 
@@ -315,36 +344,29 @@ class SearchResult:
     test_reads: list[str] = dataclasses.field(default_factory=list)
     """Who had opened the test split when selection ended (`TaskData.test_reads`): empty."""
     gpu: dict = dataclasses.field(default_factory=dict)
-    """GPU utilisation sampled through NVML while the trials ran (`kdray.machine.GpuSampler`)."""
+    """GPU utilisation the trials sampled on their own GPUs (`kdray.engine.GpuBusy`), per GPU."""
 
 
-def run_search(cfg: RunConfig, task: Any, run: RunDir, n_layers: int, *, resume: bool = False,
-               wandb: Any = None, shapes: ShapeTable | None = None) -> SearchResult:
-    """Teacher (cached), then the Tune search over `task` (the data stage's `TaskData`); writes
-    trials.parquet and best_config.yaml. Ray must be running (`kdray.cluster.init_ray`);
+def run_search(cfg: RunConfig, task: Any, run: RunDir, n_layers: int, inputs: tuple[Any, Any], plan: Any, *,
+               resume: bool = False, wandb: Any = None, shapes: ShapeTable | None = None) -> SearchResult:
+    """The Tune search over `task` (the data stage's `TaskData`) with the distillation `inputs`
+    `(job, data)`, each trial holding what `plan` (the students' `kdray.resources.Plan`) gives
+    it; writes trials.parquet and best_config.yaml. Ray must be running (`kdray.cluster.start`);
     `wandb` is `wandb_callback`'s, made before Ray started (or None); `shapes` the measured
     student shapes (`kdray.shapes.measure`), when shapes are searched or latency is budgeted."""
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
 
-    from kdray.cluster import storage_join, storage_root, warn_if_storage_is_local
+    from kdray.cluster import storage_join, storage_root
     from kdray.engine import distill_spec, progress_callback, tune_run_config, tune_trainable
-    from kdray.loop import distill_inputs
-    from kdray.teacher import prepare_teacher
 
     from kdray.console import quiet_optuna
 
     quiet_optuna()
     t0 = time.perf_counter()
-    print(f"data: {task.description}")
-    run.root.mkdir(parents=True, exist_ok=True)
-    run.config.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
-    warn_if_storage_is_local(cfg)
     storage = storage_root(cfg, run.root)
-    teacher = prepare_teacher(cfg, task, storage_path=storage_join(storage, "train"))
-    job, data = distill_inputs(cfg, task, teacher)
-    spec = distill_spec(cfg, job, data, storage_join(storage, "train"),
-                        largest=dataclasses.replace(job, model=largest_student(cfg)))
+    job, data = inputs
+    spec = distill_spec(cfg, job, data, storage_join(storage, "train"), plan.resources)
     run.search.mkdir(parents=True, exist_ok=True)
     callbacks = [progress_callback(total=cfg.search.trials, concurrency=cfg.search.concurrency)] + ([wandb] if wandb is not None else [])
     run_config = tune_run_config("search", storage, keep=2, max_failures=cfg.search.max_failures, callbacks=callbacks)
@@ -364,12 +386,11 @@ def run_search(cfg: RunConfig, task: Any, run: RunDir, n_layers: int, *, resume:
                                         reuse_actors=cfg.search.reuse_actors),
             run_config=run_config,
         )
-    with GpuSampler() as gpu:
-        grid = tuner.fit()
+    grid = tuner.fit()
     rows = trial_rows(grid, cfg.budget)
     best = best_config(rows, cfg)
     result = SearchResult(rows, best, count_rejected(run.optuna_url, cfg.name), run, time.perf_counter() - t0,
-                          list(task.test_reads), gpu.summary())
+                          list(task.test_reads), gpu_busy(grid))
     write_results(result)
     return result
 

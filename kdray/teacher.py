@@ -73,9 +73,10 @@ def _uses_rest(cfg: RunConfig, task: TaskData) -> bool:
     return cfg.teacher.all_train_data and task.rest is not None and not cfg.teacher.fine_tuned
 
 
-def prepare_teacher(cfg: RunConfig, task: TaskData, *, storage_path: str | Path | None = None,
+def prepare_teacher(cfg: RunConfig, task: TaskData, *, plan: Any = None, storage_path: str | Path | None = None,
                     log: bool = True) -> TeacherResult:
-    """Return the cached teacher for (teacher, data), training it on Ray Train on a miss."""
+    """Return the cached teacher for (teacher, data), training it on Ray on a miss with what
+    `plan` (the teacher's `kdray.resources.Plan`) holds; without one, planned on the running Ray."""
     from kdray.models import load_tokenizer
 
     tokenizer = load_tokenizer(cfg.teacher)
@@ -87,7 +88,7 @@ def prepare_teacher(cfg: RunConfig, task: TaskData, *, storage_path: str | Path 
         say(f"teacher: no cached teacher {key}; {'evaluating' if cfg.teacher.fine_tuned else 'fine-tuning'} "
             f"{cfg.teacher.name or 'the inline config'} on {task.description}"
             + (f", plus the {len(task.rest):,} training rows the students do not see" if _uses_rest(cfg, task) else ""))
-        _train_on_ray(cfg, task, tokenizer, tmp, storage_path, key)
+        _train_on_ray(cfg, task, tokenizer, tmp, storage_path, key, _plan(cfg, plan))
         tokenizer.save_pretrained(tmp / MODEL_DIR)
 
     path, hit = cached_dir("teacher", key, build, root=root)
@@ -99,20 +100,31 @@ def prepare_teacher(cfg: RunConfig, task: TaskData, *, storage_path: str | Path 
             f"trained in {record['train_seconds']:.0f}s, logits in {record['logits_seconds']:.0f}s")
     result = TeacherResult(path, record, hit)
     if task.transfer is not None:
-        result.transfer_logits_path = _transfer_logits(cfg, task, tokenizer, result, key, say)
+        result.transfer_logits_path = _transfer_logits(cfg, task, tokenizer, result, key, say, plan)
     return result
 
 
+def _plan(cfg: RunConfig, plan: Any) -> Any:
+    """The teacher's plan: as given, else made on the running Ray (started here if need be)."""
+    if plan is not None:
+        return plan
+    from kdray.cluster import init_ray
+    from kdray.resources import plan_run, read_view
+
+    init_ray()
+    return plan_run(cfg, read_view()).teacher
+
+
 def _transfer_logits(cfg: RunConfig, task: TaskData, tokenizer: Any, teacher: TeacherResult, key: str,
-                     say: Any) -> Path | None:
+                     say: Any, plan: Any) -> Path | None:
     """The teacher's logits on the transfer set, computed once and cached beside the teacher's
     (a new transfer set never retrains the teacher). None when the teacher's own logits cover it:
-    `rest` with `all_train_data`. Computed in this process, on its GPU if it has one, else its CPUs."""
+    `rest` with `all_train_data`. Computed by a Ray task on the teacher's kind of device."""
     import pyarrow.parquet as pq
-    import torch
 
-    from kdray.loop import Split, predict_logits, write_logits
-    from kdray.models import from_pretrained_dir
+    from kdray.loop import Split, write_logits
+    from kdray.models import from_pretrained_dir, to_payload
+    from kdray.tasks import on_device
 
     have = pq.read_table(teacher.logits_path, columns=["example_id"])["example_id"].to_numpy()
     if np.isin(task.transfer["example_id"], have).all():
@@ -121,14 +133,14 @@ def _transfer_logits(cfg: RunConfig, task: TaskData, tokenizer: Any, teacher: Te
     def build(tmp: Path) -> None:
         tokenized, _ = tokenize(task, tokenizer, cfg.data.max_length, cfg.cache_dir, extra="transfer")
         rows = Split.from_dataset(tokenized["transfer"])
-        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        say(f"teacher: labelling the transfer set ({len(rows):,} rows) on {device.type}")
+        teacher_plan = _plan(cfg, plan)
+        say(f"teacher: labelling the transfer set ({len(rows):,} rows) on {'a GPU' if teacher_plan.on_gpu else 'CPUs'}")
         t0 = time.perf_counter()
-        model = from_pretrained_dir(teacher.model_dir).to(device)
-        logits = predict_logits(model, rows, cfg.teacher.train.eval_batch_size, tokenizer.pad_token_id, device,
-                                progress=_progress("teacher logits (transfer)"), precision=cfg.teacher.train.precision)
+        logits, where = on_device(teacher_plan, label_rows, to_payload(from_pretrained_dir(teacher.model_dir)), rows,
+                                  cfg.teacher.train.eval_batch_size, tokenizer.pad_token_id, cfg.teacher.train.precision)
         write_logits(tmp / LOGITS_FILE, {"transfer": (rows.example_ids, logits)})
-        say(f"teacher: transfer set labelled in {time.perf_counter() - t0:.0f}s")
+        (tmp / "placement.json").write_text(json.dumps(where))
+        say(f"teacher: transfer set labelled in {time.perf_counter() - t0:.0f}s on {where['device_name']}")
 
     path, hit = cached_dir("transfer-logits", fingerprint("transfer-logits-v1", key, task.transfer_fingerprint),
                            build, root=cache_root(cfg.cache_dir))
@@ -137,11 +149,20 @@ def _transfer_logits(cfg: RunConfig, task: TaskData, tokenizer: Any, teacher: Te
     return path / LOGITS_FILE
 
 
-def _train_on_ray(cfg: RunConfig, task: TaskData, tokenizer: Any, out: Path, storage_path: Any, key: str) -> None:
+def label_rows(device: Any, teacher: dict, rows: Any, batch_size: int, pad_id: int, precision: str) -> np.ndarray:
+    """The task body: the teacher's (a `to_payload`) logits on `rows` on `device`."""
+    from kdray.loop import predict_logits
+    from kdray.models import from_payload
+
+    return predict_logits(from_payload(teacher).to(device), rows, batch_size, pad_id, device,
+                          progress=_progress("teacher logits (transfer)"), precision=precision)
+
+
+def _train_on_ray(cfg: RunConfig, task: TaskData, tokenizer: Any, out: Path, storage_path: Any, key: str,
+                  plan: Any) -> None:
     import ray
 
-    from kdray.cluster import init_ray
-    from kdray.engine import TrialSpec, run_one, trial_resources
+    from kdray.engine import TrialSpec, run_one
     from kdray.loop import DistillData, DistillJob, Split
 
     tokenized, _ = tokenize(task, tokenizer, cfg.data.max_length, cfg.cache_dir)
@@ -152,11 +173,9 @@ def _train_on_ray(cfg: RunConfig, task: TaskData, tokenizer: Any, out: Path, sto
     data = DistillData(rows, Split.from_dataset(tokenized["validation"]))
     train = dataclasses.replace(cfg.teacher.train, alpha=1.0, teacher_logits="cached")
     job = DistillJob(cfg.teacher, train, task.label_names, tokenizer.pad_token_id, cfg.seed)
-    init_ray()
     storage = str(storage_path or Path(tempfile.gettempdir()) / "kdray-train")
-    resources = trial_resources(cfg.teacher.resources or cfg.resources, 1, role="teacher",
-                                precision=cfg.teacher.train.precision)
-    spec = TrialSpec(teacher_entry, job, ray.put(data), resources, storage)
+    print(plan.line(cfg.teacher.train.precision), flush=True)
+    spec = TrialSpec(teacher_entry, job, ray.put(data), plan.resources, storage)
     result = run_one(spec, f"teacher-{key}")
     with result.checkpoint.as_directory() as d:
         for name in (MODEL_DIR, LOGITS_FILE, RECORD_FILE):
@@ -200,7 +219,8 @@ def teacher_entry(job: Any, data: Any, worker: Any) -> None:
         parts[split_name] = shard
     logits_seconds = time.perf_counter() - t1
     record = {**val, "train_seconds": train_seconds, "logits_seconds": logits_seconds, "workers": world,
-              "device": str(device), "epochs": 0 if job.model.fine_tuned else job.train.epochs,
+              "device": str(device), "placement": worker.placement.as_dict() if worker.placement else None,
+              "epochs": 0 if job.model.fine_tuned else job.train.epochs,
               "label_names": job.label_names, "model": job.model.name or "inline config",
               "train_examples": len(data.train)}
     with tempfile.TemporaryDirectory(prefix="kdray-teacher-") as tmp:
@@ -252,11 +272,12 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     task = load_data(cfg.data)
     print(f"data: {task.description}")
+    plan = None  # a local run starts Ray only on a cache miss
     if args.address:
-        from kdray.cluster import init_ray
+        from kdray.cluster import start
 
-        init_ray(args.address)
-    result = prepare_teacher(cfg, task)
+        plan = start(cfg, args.address).teacher
+    result = prepare_teacher(cfg, task, plan=plan)
     r = result.record
     print(f"teacher: val accuracy {r[M.VAL_ACCURACY]:.4f}, val f1_macro {r[M.VAL_F1]:.4f}; "
           f"{'cache hit' if result.cache_hit else 'built'} in {time.perf_counter() - t0:.0f}s; {result.path}")

@@ -9,158 +9,27 @@ it started. Marked `cluster`: `python -m pytest -m cluster` runs them alone.
 
 from __future__ import annotations
 
-import json
-import os
 import re
 import shlex
-import shutil
-import signal
-import socket
 import subprocess
-import sys
-import tempfile
 import time
-import urllib.request
 from pathlib import Path
 
-import psutil
 import pyarrow.parquet as pq
 import pytest
 import yaml
 
 from tests.conftest import ROOT
+from tests.ray_nodes import LocalNodes
 
-RAY = str(Path(sys.executable).parent / "ray")
 LAUNCH = ROOT / "launch"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class TwoNodes:
-    """`ray start --head` and `ray start --address` on this machine, each in its own process
-    group with its own temp dir and ports, so they never touch the test session's own cluster."""
-
-    def __init__(self) -> None:
-        # Short: Ray's unix socket paths live under the temp dir and must stay under 108 bytes.
-        self.root = Path(tempfile.mkdtemp(prefix="kdc", dir="/tmp"))
-        self.gcs_port, self.dashboard_port = free_port(), free_port()
-        self.address = f"127.0.0.1:{self.gcs_port}"
-        self.dashboard = f"http://127.0.0.1:{self.dashboard_port}"
-        self.procs: dict[str, subprocess.Popen] = {}
-
-    def _start(self, name: str, args: list[str]) -> None:
-        # Every fixed default port would collide with the other node (and the session's cluster).
-        ports = [(flag, free_port()) for flag in ("--node-manager-port", "--object-manager-port",
-                                                  "--metrics-export-port", "--dashboard-agent-listen-port",
-                                                  "--dashboard-agent-grpc-port", "--runtime-env-agent-port")]
-        log = open(self.root / f"{name}.log", "w")
-        cmd = [RAY, "start", "--block", "--num-cpus", "1", "--resources", json.dumps({f"node_{name}": 1}),
-               "--object-store-memory", str(512 * 2**20),
-               "--temp-dir", str(self.root / name), *(str(x) for pair in ports for x in pair), *args]
-        self.procs[name] = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-
-    def start(self) -> "TwoNodes":
-        self._start("a", ["--head", "--port", str(self.gcs_port), "--dashboard-host", "127.0.0.1",
-                          "--dashboard-port", str(self.dashboard_port), "--ray-client-server-port", str(free_port())])
-        self.wait_nodes(1)
-        self._start("b", ["--address", self.address])
-        self.wait_nodes(2)
-        return self
-
-    def nodes(self) -> list[dict]:
-        r = subprocess.run([RAY, "list", "nodes", "--address", self.dashboard, "--format", "json", "--detail"],
-                           capture_output=True, text=True, timeout=60)
-        return json.loads(r.stdout) if r.returncode == 0 and r.stdout.strip().startswith("[") else []
-
-    def node_ids(self) -> dict[str, str]:
-        """Custom resource name (node_a / node_b) -> node id, alive nodes only."""
-        out = {}
-        for n in self.nodes():
-            if n.get("state") == "ALIVE":
-                for res in n.get("resources_total", {}):
-                    if res.startswith("node_"):
-                        out[res] = n["node_id"]
-        return out
-
-    def wait_nodes(self, k: int, timeout: float = 120) -> None:
-        deadline = time.time() + timeout
-        while time.time() < deadline:
-            if len(self.node_ids()) == k:
-                return
-            time.sleep(1)
-        raise AssertionError(f"{k} Ray node(s) did not come up: " + "".join(
-            (self.root / f"{n}.log").read_text()[-2000:] for n in self.procs))
-
-    def kill(self, name: str) -> None:
-        """SIGKILL a node: its `ray start` process, its raylet and every worker under them."""
-        proc = psutil.Process(self.procs[name].pid)
-        tree = [proc, *proc.children(recursive=True)]
-        for p in tree:
-            try:
-                p.kill()
-            except psutil.NoSuchProcess:
-                pass
-        psutil.wait_procs(tree, timeout=30)
-
-    def stop(self) -> list[int]:
-        """Kill every process the cluster started; return the pids still alive (none, we hope)."""
-        trees = []
-        for name, popen in self.procs.items():
-            try:
-                proc = psutil.Process(popen.pid)
-                trees += [proc, *proc.children(recursive=True)]
-            except psutil.NoSuchProcess:
-                pass
-        for name in self.procs:
-            try:
-                os.killpg(self.procs[name].pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-        for p in trees:
-            try:
-                p.kill()
-            except psutil.NoSuchProcess:
-                pass
-        _, alive = psutil.wait_procs(trees, timeout=30)
-        # Processes of this cluster outside those trees (daemonized ones) carry its temp dir.
-        for p in psutil.process_iter(["pid", "cmdline"]):
-            if str(self.root) in " ".join(p.info["cmdline"] or []):
-                alive.append(p)
-                p.kill()
-        shutil.rmtree(self.root, ignore_errors=True)
-        return [p.pid for p in alive if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
-
-    def submit(self, args: list[str], out: Path, wait: bool = True, **kw) -> subprocess.CompletedProcess | str:
-        env = {"RAY_AUTH_MODE": "disabled", "WANDB_MODE": "disabled", "KDRAY_CACHE": os.environ["KDRAY_CACHE"]}
-        cmd = [RAY, "job", "submit", "--address", self.dashboard, "--runtime-env-json",
-               json.dumps({"env_vars": env}), *([] if wait else ["--no-wait"]), "--",
-               sys.executable, "-m", "kdray.search", "--space", "smoke", "--output-dir", str(out), "--wandb",
-               "disabled", *args]
-        r = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, **kw)
-        if wait:
-            return r
-        assert r.returncode == 0, r.stdout + r.stderr
-        return re.search(r"raysubmit_\w+", r.stdout).group(0)
-
-    def _get(self, path: str) -> dict:
-        with urllib.request.urlopen(f"{self.dashboard}{path}", timeout=60) as r:
-            return json.loads(r.read())
-
-    def logs(self, job: str) -> str:
-        return self._get(f"/api/jobs/{job}/logs")["logs"]
-
-    def status(self, job: str) -> str:
-        """PENDING, RUNNING, SUCCEEDED, FAILED or STOPPED (Ray's job REST API)."""
-        return self._get(f"/api/jobs/{job}")["status"]
 
 
 @pytest.fixture
 def two_nodes(private_cache):
-    cluster = TwoNodes().start()
+    """A head `a` and a second node `b`, one CPU each."""
+    cluster = LocalNodes().start_head("a")
+    cluster.add("b")
     yield cluster
     alive = cluster.stop()
     assert alive == [], f"Ray processes left running: {alive}"

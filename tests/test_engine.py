@@ -100,38 +100,29 @@ def test_two_worker_trial_runs_ddp_through_the_engine(job_and_data, tmp_path):
 # ----------------------------------------------------------------------------- resources
 
 
-def test_students_per_gpu_from_a_measured_peak():
-    from kdray.engine import CUDA_PROCESS_OVERHEAD, MAX_STUDENTS_PER_GPU, students_per_gpu
-
-    gib = 2**30
-    # 80 GiB: 72 GiB usable; a 4 GiB step + the process overhead fits 15 times, capped at 8.
-    assert students_per_gpu(4 * gib, 80 * gib) == MAX_STUDENTS_PER_GPU == 8
-    assert students_per_gpu(20 * gib, 80 * gib) == int(0.9 * 80 * gib // (20 * gib + CUDA_PROCESS_OVERHEAD)) == 3
-    assert students_per_gpu(90 * gib, 80 * gib) == 1  # too big to share: still one
-
-
-def test_resources_follow_the_machine_without_a_gpu(ray_cluster, capsys):
-    from kdray.engine import trial_resources
+def test_resources_follow_the_cluster_without_a_gpu(ray_cluster, capsys):
+    """The plan read from the running cluster (no GPU): CPUs, said once with what the trials
+    train in; an explicit GPU share or `device: gpu` has no GPU to use and is refused."""
     from kdray.errors import UserError
-
-    cfg = load_config("smoke")
-    assert ray_cluster.cluster_resources().get("GPU", 0) == 0
-    probed = []
-    res = trial_resources(cfg.resources, 2, probe=lambda: probed.append(1) or (0, 0))
-    assert res.gpus_per_worker == 0 and res.cpus_per_worker == cfg.resources.cpus_per_worker and not probed
-    out = capsys.readouterr().out
-    assert "CPU (no GPU visible to Ray)" in out
-    # ...and what the trials train in: what `auto` resolves to on this machine's CPU, said once.
     from kdray.loop import native_bf16
+    from kdray.resources import plan_run, read_view
 
+    view = read_view()
+    assert view.gpus == 0 and not view.addable
+    plan = plan_run(load_config("smoke"), view)
+    assert not plan.students.on_gpu and plan.students.resources.cpus_per_worker == 1.0
     here = "bf16" if native_bf16(torch.device("cpu")) else "fp32"
-    assert f"; {here} (train.precision auto: this machine's CPU has" in out
-    trial_resources(cfg.resources, 2, precision="fp32")
-    assert "; fp32 (train.precision)" in capsys.readouterr().out
-    given = dataclasses.replace(cfg.resources, gpus_per_worker=0.25)
-    assert trial_resources(given, 2) == given  # an explicit share is used as given
-    with pytest.raises(UserError, match="device: gpu, but the Ray cluster has no GPU"):
-        trial_resources(dataclasses.replace(cfg.resources, device="gpu"), 2)
+    line = plan.students.line("auto")
+    assert line.startswith("resources (students): CPU (no GPU in the cluster), 1 CPU per worker; ")
+    assert f"; {here} (train.precision auto: this machine's CPU has" in line
+    assert plan.students.line("fp32").endswith("; fp32 (train.precision)")
+    # A cluster joined by address that says nothing of its autoscaler may still get GPU nodes:
+    # `device: gpu` waits for them there (`kdray.resources.wait_for_gpus`); this one cannot.
+    local = dataclasses.replace(view, local=True)
+    with pytest.raises(UserError, match="device: gpu, but this machine has no GPU"):
+        plan_run(load_config("smoke", ["resources.device=gpu"]), local)
+    with pytest.raises(UserError, match="gpus_per_worker: 0.25, but this Ray has no GPU"):
+        plan_run(load_config("smoke", ["resources.gpus_per_worker=0.25"]), local)
 
 
 # ----------------------------------------------------------------------------- the house
@@ -201,8 +192,14 @@ def test_the_cycle_finder_finds_a_lower_module_importing_a_higher_one(tmp_path):
 
 def test_two_smoke_searches_on_one_machine_at_once(tmp_path):
     """Each starts its own local Ray cluster beside the test session's: both complete, every
-    trial of each reports all its epochs."""
-    env = {**os.environ, "KDRAY_CACHE": str(tmp_path / "cache")}
+    trial of each reports all its epochs. Both run with torchrun's variables in their
+    environment (a command started under torchrun, or from a shell that exported them): the
+    trial processes inherit them, and Ray Train's local mode would then wait in
+    `init_process_group` for a second rank that never comes (`kdray.devices.TORCHRUN_ENV`)."""
+    from tests.ray_nodes import free_port
+
+    env = {**os.environ, "KDRAY_CACHE": str(tmp_path / "cache"), "RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "2",
+           "LOCAL_WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())}
     env.pop("RAY_ADDRESS", None)
     procs = [subprocess.Popen([sys.executable, "-m", "kdray.search", "--space", "smoke", "--no-final", "--wandb",
                                "disabled", "--output-dir", str(tmp_path / f"out{i}"), "--set", "search.trials=2",

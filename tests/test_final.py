@@ -155,7 +155,7 @@ def test_baselines_train_without_kd_and_with_a_frozen_encoder(smoke_run):
 
 
 def test_rerunning_the_final_stage_alone(smoke_run, tmp_path):
-    from kdray.final import main
+    from kdray.cli import main
 
     import pyarrow as pa
     import pyarrow.parquet as pq
@@ -170,7 +170,7 @@ def test_rerunning_the_final_stage_alone(smoke_run, tmp_path):
     # ... this one cannot (no checkpoint recorded), so it retrains every seed.
     pq.write_table(pa.Table.from_pylist([{**r, "checkpoint_path": None} for r in rows]), run / "search" / "trials.parquet")
     (run / "final" / "student" / "model.safetensors").unlink()
-    assert main(["--run", str(run), "--wandb", "disabled"]) == 0
+    assert main(["final", "--run", str(run), "--wandb", "disabled"]) == 0
     after = json.loads((run / "results.json").read_text())
     assert after["final"]["reused_search_trial"] is None
     assert (run / "final" / "student" / "model.safetensors").is_file()
@@ -194,7 +194,7 @@ def test_a_final_stage_whose_students_start_from_the_teacher(smoke_run, tmp_path
 
     from kdray.config import load_config
     from kdray.data import load_data, tokenize
-    from kdray.final import main
+    from kdray.cli import main
     from kdray.loop import Split, predict_logits
     from kdray.models import from_pretrained_dir, load_tokenizer
     from kdray.teacher import prepare_teacher
@@ -210,7 +210,7 @@ def test_a_final_stage_whose_students_start_from_the_teacher(smoke_run, tmp_path
     (run / "config.yaml").write_text(yaml.safe_dump(config))
     rows = pq.read_table(run / "search" / "trials.parquet").to_pylist()  # the search's trials started elsewhere
     pq.write_table(pa.Table.from_pylist([{**r, "checkpoint_path": None} for r in rows]), run / "search" / "trials.parquet")
-    assert main(["--run", str(run), "--wandb", "disabled"]) == 0
+    assert main(["final", "--run", str(run), "--wandb", "disabled"]) == 0
     results = json.loads((run / "results.json").read_text())
     assert "started from the fine-tuned teacher" in results["run"]["student_model"]
 
