@@ -33,9 +33,10 @@ def configure(verbose_flag: bool = False) -> None:
         sys.modules["datasets"].disable_progress_bars()
     logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
     # Tune's and Train's warnings are about their own bookkeeping (e.g. a snapshot copy that
-    # raced the experiment's end, with a traceback); a failed trial reaches kdray as an error.
-    logging.getLogger("ray.tune").setLevel(logging.ERROR)
-    logging.getLogger("ray.train").setLevel(logging.ERROR)
+    # raced the experiment's end, with a traceback), and their error logs repeat a failed trial's
+    # traceback: a failed trial reaches kdray as a result, and its progress line says why.
+    logging.getLogger("ray.tune").setLevel(logging.CRITICAL)
+    logging.getLogger("ray.train").setLevel(logging.CRITICAL)
     warnings.filterwarnings("ignore", message=r"Argument ``group`` is an experimental feature")
 
 

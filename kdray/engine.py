@@ -460,6 +460,9 @@ def progress_callback(label: Callable[[Any], str] | None = None, *, total: int |
 
         def on_trial_error(self, iteration, trials, trial, **info):
             self._line(trial, trial.last_result or {}, "failed")
+            why = _error_text(trial)
+            if why:
+                self.pending.append(f"{label(trial)}: {why}")
             self._ended(trial, trials)
 
         def on_step_end(self, iteration, trials, **info):
@@ -469,6 +472,22 @@ def progress_callback(label: Callable[[Any], str] | None = None, *, total: int |
             self._flush()
 
     return Progress()
+
+
+def _error_text(trial: Any) -> str:
+    """A failed trial's error in one line: kdray's own message (a `UserError`, such as a GPU the
+    trial holds but cannot use), else the exception's last line."""
+    from kdray.errors import UserError
+
+    try:
+        error = trial.get_pickled_error()
+    except Exception:  # an error that does not unpickle here: its text below
+        error = None
+    if isinstance(error, UserError):
+        return "; ".join(error.problems)
+    text = Path(trial.error_file).read_text() if trial.error_file and Path(trial.error_file).is_file() else ""
+    lines = [line for line in text.splitlines() if line.strip()]
+    return lines[-1].strip() if lines else ""
 
 
 def epoch_lines(prefix: str, every_s: float = 10.0) -> Any:

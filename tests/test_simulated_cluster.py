@@ -200,3 +200,17 @@ def test_a_gpu_node_removed_mid_search_costs_retries_not_results(sim, tmp_path):
     for trial, _ in retried:  # the retry trained on the node that was left
         assert finals[trial][0]["node_id"] == nodes["g1"]
     assert "node_g2" not in sim.node_ids()
+
+
+def test_a_gpu_that_torch_cannot_use_is_an_error_with_the_fix(tmp_path):
+    """Not a simulation: a node that claims a GPU (`ray start --num-gpus 1`) where torch has no
+    CUDA, as a misbuilt GPU node would. The trial holding that GPU stops with the reason and the
+    fix instead of training on the CPU while the GPU stays reserved."""
+    cluster = LocalNodes(simulate_gpus=False).start_head("head", cpus=2, gpus=1)
+    try:
+        code, console = run_kdray(cluster, ["search", *BASE, "--trials", "1", "--no-final", "--output-dir", str(tmp_path)])
+    finally:
+        assert cluster.stop() == []
+    assert code == 2, console[-3000:]
+    assert "holds GPU(s) 0 on Ray node" in console and "cannot use CUDA: torch here is a CPU build" in console
+    assert "Fix: install a CUDA build of torch on the GPU nodes" in console and "Traceback" not in console
