@@ -7,12 +7,12 @@ check that needs a GPU (or two) is then recorded as skipped, with why. At most ~
 GPU machine; each check has a status (`passed`, `failed`, `skipped`) and its numbers:
 
 - `zero_gpu_task`: a Ray task that holds no GPU sees none (`CUDA_VISIBLE_DEVICES=""`, CUDA not
-  available inside), and one that holds a GPU computes on it (`kdray.devices.assigned`).
+  available inside), and one that holds a GPU computes on it (`kdray.runtime.devices.assigned`).
 - `nccl_two_ranks`: two Ray Train workers, one GPU each, all-reduce over NCCL (needs 2 GPUs).
-- `memory_probe`: the probe's per-trial bytes (`kdray.memory`) against what `nvidia-smi` shows a
+- `memory_probe`: the probe's per-trial bytes (`kdray.evaluate.memory`) against what `nvidia-smi` shows a
   process use while it trains that student (the probe must not undercount).
 - `allocator_reserve`: the CUDA allocator's reserve after one trial, and after
-  `kdray.devices.release_cached_memory` (what a reused trial process hands to the next trial).
+  `kdray.runtime.devices.release_cached_memory` (what a reused trial process hands to the next trial).
 - `bf16`: the compute capability, what `train.precision: auto` resolves to, and a bf16 forward.
 - `first_call_per_shape`: the first and a warm batch-1 pass at several lengths (why the
   benchmark warms every timed shape).
@@ -32,6 +32,7 @@ import traceback
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
+
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -60,13 +61,13 @@ def zero_gpu_task() -> dict:
     import ray
     import torch
 
-    from kdray.cluster import init_ray
+    from kdray.runtime.cluster import init_ray
 
     init_ray(dashboard=False)
 
     @ray.remote(num_gpus=0, num_cpus=1)
     def none() -> dict:
-        from kdray.devices import assigned
+        from kdray.runtime.devices import assigned
 
         where = assigned()
         import torch
@@ -80,7 +81,7 @@ def zero_gpu_task() -> dict:
         def one() -> dict:
             import torch
 
-            from kdray.devices import assigned
+            from kdray.runtime.devices import assigned
 
             where = assigned()
             x = torch.ones(4, device=where.torch_device())
@@ -102,7 +103,7 @@ def nccl_two_ranks() -> dict:
         import torch
         import torch.distributed as dist
 
-        from kdray.devices import assigned
+        from kdray.runtime.devices import assigned
 
         where = assigned()
         torch.cuda.set_device(where.torch_device())
@@ -122,10 +123,13 @@ def _default_student() -> tuple[Any, Any]:
     import numpy as np
 
     from kdray.config import load_config
-    from kdray.data import load_data, tokenize
-    from kdray.loop import DistillData, DistillJob, Split, TeacherLogits
-    from kdray.models import load_tokenizer
-    from kdray.study import largest_student
+    from kdray.data.load import load_data
+    from kdray.data.tokenize import tokenize
+    from kdray.stages.search import largest_student
+    from kdray.train.batches import Split
+    from kdray.train.logits import TeacherLogits
+    from kdray.train.loop import DistillData, DistillJob
+    from kdray.train.models import load_tokenizer
 
     cfg = load_config("default")
     task = load_data(cfg.data)
@@ -143,7 +147,7 @@ def memory_probe() -> dict:
     use `nvidia-smi` samples."""
     import torch
 
-    from kdray.memory import measure
+    from kdray.evaluate.memory import measure
 
     job, data = _default_student()
     mem = measure(job, data, torch.device("cuda", 0), torch.cuda.get_device_name(0))
@@ -169,7 +173,7 @@ def train_one_epoch() -> None:
 
     import torch
 
-    from kdray.loop import distill
+    from kdray.train.loop import distill
 
     job, data = _default_student()
     job = dataclasses.replace(job, train=dataclasses.replace(job.train, epochs=1))
@@ -181,8 +185,8 @@ def allocator_reserve() -> dict:
 
     import torch
 
-    from kdray.devices import release_cached_memory
-    from kdray.loop import distill
+    from kdray.runtime.devices import release_cached_memory
+    from kdray.train.loop import distill
 
     job, data = _default_student()
     job = dataclasses.replace(job, train=dataclasses.replace(job.train, epochs=1))
@@ -197,8 +201,8 @@ def allocator_reserve() -> dict:
 def bf16() -> dict:
     import torch
 
-    from kdray.loop import autocast_for, native_bf16, resolve_precision
-    from kdray.models import build_model
+    from kdray.train.models import build_model
+    from kdray.train.precision import autocast_for, native_bf16, resolve_precision
 
     job, _ = _default_student()
     device = torch.device("cuda", 0)
@@ -215,7 +219,7 @@ def bf16() -> dict:
 def first_call_per_shape() -> dict:
     import torch
 
-    from kdray.models import build_model
+    from kdray.train.models import build_model
 
     job, _ = _default_student()
     device = torch.device("cuda", 0)

@@ -1,6 +1,7 @@
 """`python -m kdray <command>`: the same as the `kdray` console script."""
 
-from kdray.cli import entry
+from kdray.cli.main import entry
+
 
 if __name__ == "__main__":
     entry()

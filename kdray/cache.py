@@ -14,6 +14,7 @@ import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
+
 ENV_VAR = "KDRAY_CACHE"
 
 

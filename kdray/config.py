@@ -22,6 +22,7 @@ import yaml
 
 from kdray.errors import UserError
 
+
 #: Shipped search spaces, addressable by name (`--space smoke`).
 SPACES_DIR = Path(__file__).resolve().parent / "search_spaces"
 DEFAULT_SPACE = "default"
@@ -97,6 +98,32 @@ class DataConfig:
     seed: int = 0
     """Seed of the carved splits and subsamples."""
 
+    def check(self, at: str = "data") -> list[str]:
+        p = []
+        if self.train_file is None and self.source is None:
+            p.append(f"{at}.source: no data given. Fix: set {at}.source (e.g. embedded:rotten_tomatoes) or "
+                     f"{at}.train_file.")
+        if self.format is not None and self.format not in FILE_FORMATS:
+            p.append(f"{at}.format: {self.format!r} is unknown. Fix: use one of {', '.join(FILE_FORMATS)}.")
+        for attr in ("validation_size", "test_size"):
+            v = getattr(self, attr)
+            if v <= 0 or (v >= 1 and v != int(v)):
+                p.append(f"{at}.{attr}: {v} is neither a fraction in (0, 1) nor a whole number of rows. Fix: e.g. "
+                         f"0.1 or 500.")
+        for attr in ("max_train_samples", "max_validation_samples", "max_test_samples", "max_unlabeled_samples"):
+            v = getattr(self, attr)
+            if v is not None and v < 1:
+                p.append(f"{at}.{attr}: {v} must be at least 1. Fix: a row count such as 1000, or unset it for all "
+                         f"rows.")
+        if self.max_length < 8:
+            p.append(f"{at}.max_length: {self.max_length} tokens is too short. Fix: use at least 8 (typically 64-512).")
+        if self.label_names is not None and len(set(self.label_names)) != len(self.label_names):
+            p.append(f"{at}.label_names: {self.label_names} has duplicates. Fix: list each label once.")
+        if self.label_names is not None and len(self.label_names) < 2:
+            p.append(f"{at}.label_names: a classifier needs at least 2 labels. Fix: list every label, or unset it "
+                     f"to read them from the data.")
+        return p
+
 
 @dataclass
 class ModelConfig:
@@ -111,21 +138,50 @@ class ModelConfig:
     tokenizer: str | None = None
     """Tokenizer name or directory; defaults to `name`. Required with an inline `config`."""
 
+    def check(self, at: str) -> list[str]:
+        p = []
+        if (self.name is None) == (self.config is None):
+            p.append(f"{at}: set exactly one of {at}.name (pretrained) or {at}.config (random init). Fix: e.g. "
+                     f"{at}.name: embedded:minilm-l6.")
+        if self.config is not None and "model_type" not in self.config:
+            p.append(f"{at}.config: no model_type. Fix: add one, e.g. model_type: bert (or distilbert, roberta).")
+        if self.config is not None and self.tokenizer is None:
+            p.append(f"{at}.tokenizer: a model built from an inline config needs a tokenizer. Fix: e.g. "
+                     f"{at}.tokenizer: embedded:minilm-l6.")
+        if self.keep_layers is not None:
+            if not self.keep_layers:
+                p.append(f"{at}.keep_layers: empty. Fix: list at least one layer, or unset it to keep all.")
+            elif len(set(self.keep_layers)) != len(self.keep_layers):
+                p.append(f"{at}.keep_layers: {self.keep_layers} repeats a layer. Fix: list each layer once.")
+        return p
+
 
 @dataclass
 class LoraChoice:
     r: int = 8
     """LoRA rank."""
-    alpha: float = 16.0
-    """LoRA scaling numerator (`lora_alpha`); the update is scaled by alpha / r."""
-    dropout: float = 0.1
-    """Dropout on the LoRA input."""
+    lora_alpha: float = 16.0
+    """LoRA's scaling numerator (PEFT's `lora_alpha`): the update is scaled by lora_alpha / r."""
+    lora_dropout: float = 0.1
+    """Dropout on the LoRA input (PEFT's `lora_dropout`)."""
     target_modules: list[str] = field(default_factory=lambda: ["q", "v"])
     """Modules inside each encoder layer that get LoRA: aliases q, k, v, o, ffn_in, ffn_out
     (resolved per architecture) or the architecture's own names relative to the layer
     (e.g. `attention.self.query`)."""
     layers: list[int] | None = None
     """Encoder layers (0-based, of the student) that get LoRA; unset means all."""
+
+    def check(self, at: str) -> list[str]:
+        p = []
+        if self.r < 1:
+            p.append(f"{at}.r: rank {self.r} must be at least 1. Fix: e.g. {at}.r: 8.")
+        if not 0 <= self.lora_dropout < 1:
+            p.append(f"{at}.lora_dropout: {self.lora_dropout} is not in [0, 1). Fix: e.g. 0.1.")
+        if not self.target_modules:
+            p.append(f"{at}.target_modules: empty. Fix: list modules such as [q, v].")
+        if self.layers is not None and not self.layers:
+            p.append(f"{at}.layers: empty. Fix: list layers, or unset it for all layers.")
+        return p
 
 
 @dataclass
@@ -156,7 +212,29 @@ class TrainConfig:
     precision: str = "auto"
     """Precision of training, validation and teacher logits (weights and optimizer stay fp32):
     `bf16` autocast, `fp32`, or `auto`: bf16 where the device computes it natively (a CUDA GPU
-    with bf16; a CPU with AVX512-BF16 or AMX), else fp32 (`kdray.loop.resolve_precision`)."""
+    with bf16; a CPU with AVX512-BF16 or AMX), else fp32 (`kdray.train.precision.resolve_precision`)."""
+
+    def check(self, at: str) -> list[str]:
+        p = []
+        if self.epochs < 0:
+            p.append(f"{at}.epochs: {self.epochs} must be 0 or more. Fix: e.g. {at}.epochs: 3.")
+        for attr in ("batch_size", "eval_batch_size"):
+            if getattr(self, attr) < 1:
+                p.append(f"{at}.{attr}: {getattr(self, attr)} must be at least 1. Fix: e.g. 32.")
+        if self.learning_rate <= 0:
+            p.append(f"{at}.learning_rate: {self.learning_rate} must be above 0. Fix: e.g. 5e-4.")
+        if not 0 <= self.alpha <= 1:
+            p.append(f"{at}.alpha: {self.alpha} is not in [0, 1] (the hard-label weight: 1 = labels only, 0 = teacher "
+                     f"only). Fix: e.g. 0.5.")
+        if self.temperature <= 0:
+            p.append(f"{at}.temperature: {self.temperature} must be above 0. Fix: e.g. 2.")
+        if not 0 <= self.warmup_ratio < 1:
+            p.append(f"{at}.warmup_ratio: {self.warmup_ratio} is not in [0, 1). Fix: e.g. 0.06.")
+        if self.teacher_logits not in ("cached", "online"):
+            p.append(f"{at}.teacher_logits: {self.teacher_logits!r} is unknown. Fix: cached or online.")
+        if self.precision not in PRECISIONS:
+            p.append(f"{at}.precision: {self.precision!r} is unknown. Fix: one of {', '.join(PRECISIONS)}.")
+        return p
 
 
 @dataclass
@@ -167,7 +245,7 @@ class ResourcesConfig:
     """CPUs reserved by each worker."""
     gpus_per_worker: float = 0.0
     """GPUs per worker; a fraction lets small students share one GPU (one worker only: DDP
-    ranks need whole GPUs). 0: planned from the cluster (`kdray.resources`)."""
+    ranks need whole GPUs). 0: planned from the cluster (`kdray.runtime.resources`)."""
     device: str = "auto"
     """`auto`: GPUs when the Ray cluster has them or its autoscaler can add them (the teacher
     and DDP ranks on whole GPUs; students spread over the GPUs, sharing one only when there are
@@ -177,6 +255,21 @@ class ResourcesConfig:
     gpu_wait_s: float = 900.0
     """How long a run that plans GPUs waits for the first GPU node to join a cluster that has
     none up yet (an autoscaler starting one, worker pods still coming up)."""
+
+    def check(self, at: str) -> list[str]:
+        p = []
+        if self.workers < 1:
+            p.append(f"{at}.workers: {self.workers} must be at least 1. Fix: {at}.workers: 1.")
+        if self.cpus_per_worker <= 0:
+            p.append(f"{at}.cpus_per_worker: {self.cpus_per_worker} must be above 0. Fix: e.g. 1.")
+        if self.gpus_per_worker < 0:
+            p.append(f"{at}.gpus_per_worker: {self.gpus_per_worker} is negative. Fix: 0 (planned from the cluster) or "
+                     f"a share such as 0.5.")
+        if self.device not in ("auto", "cpu", "gpu"):
+            p.append(f"{at}.device: {self.device!r} is unknown. Fix: auto, cpu or gpu.")
+        if self.gpu_wait_s < 0:
+            p.append(f"{at}.gpu_wait_s: {self.gpu_wait_s:g} seconds must be 0 or more. Fix: e.g. 900.")
+        return p
 
 
 @dataclass
@@ -202,6 +295,14 @@ class StudentConfig(TrainableModelConfig):
         """Where the weights start, as the run's printed lines append it ("" for `pretrained`)."""
         return ", starting from the fine-tuned teacher's weights" if self.init == "teacher" else ""
 
+    def check(self, at: str = "student") -> list[str]:
+        p = super().check(at) + self.lora.check(f"{at}.lora")
+        if self.mode not in STUDENT_MODES:
+            p.append(f"{at}.mode: {self.mode!r} is unknown. Fix: use one of {', '.join(STUDENT_MODES)}.")
+        if self.init not in STUDENT_INITS:
+            p.append(f"{at}.init: {self.init!r} is unknown. Fix: use one of {', '.join(STUDENT_INITS)}.")
+        return p
+
 
 @dataclass
 class TeacherConfig(TrainableModelConfig):
@@ -218,6 +319,16 @@ class TeacherConfig(TrainableModelConfig):
     resources: ResourcesConfig | None = None
     """Ray Train resources of the teacher stage; unset: the top-level `resources`. (A one-off
     teacher may take the whole machine, where trials share it.)"""
+
+    def check(self, at: str = "teacher") -> list[str]:
+        p = super().check(at) + self.train.check(f"{at}.train")
+        if self.mode not in ("full", "lora"):
+            p.append(f"{at}.mode: {self.mode!r} is unknown. Fix: use full or lora.")
+        if self.mode == "lora":
+            p += self.lora.check(f"{at}.lora")
+        if self.resources is not None:
+            p += self.resources.check(f"{at}.resources")
+        return p
 
 
 @dataclass
@@ -247,7 +358,48 @@ class SpaceConfig:
     """Student shapes to choose from: each a `student.keep_layers` (which layers of the model
     the student keeps, in order: its depth and its initialisation), e.g. [[0, 2, 4], [0, 3], [0, 1, 2, 3, 4, 5]].
     Unset: the student's own `keep_layers` only. Each shape's batch-1 latency is measured
-    before the search (`kdray.shapes`); `search.latency_budget_ms` / `search.min_speedup` drop the slow ones."""
+    before the search (`kdray.stages.shapes`); `search.latency_budget_ms` / `search.min_speedup` drop the slow ones."""
+
+    def check(self, at: str = "space") -> list[str]:
+        p = []
+        for attr in ("alpha", "temperature", "learning_rate", "lora_dropout"):
+            v = getattr(self, attr)
+            if len(v) != 2 or v[0] > v[1]:
+                fix = f"[{v[1]}, {v[0]}]" if len(v) == 2 else "[low, high]"
+                p.append(f"{at}.{attr}: {v} is not a range [low, high] with low <= high. Fix: {fix}.")
+        if len(self.alpha) == 2 and not (0 <= self.alpha[0] and self.alpha[1] <= 1):
+            p.append(f"{at}.alpha: {self.alpha} is not within [0, 1] (the hard-label weight). Fix: e.g. [0.1, 0.9].")
+        if len(self.temperature) == 2 and self.temperature[0] <= 0:
+            p.append(f"{at}.temperature: {self.temperature} must be above 0. Fix: e.g. [1, 8].")
+        if len(self.learning_rate) == 2 and self.learning_rate[0] <= 0:
+            p.append(f"{at}.learning_rate: {self.learning_rate} must be above 0. Fix: e.g. [1e-4, 3e-3].")
+        for attr in ("lora_r", "lora_alpha", "target_modules", "epochs"):
+            if not getattr(self, attr):
+                p.append(f"{at}.{attr}: no choice. Fix: list at least one, e.g. {at}.{attr}: "
+                         f"{getattr(SpaceConfig(), attr)}.")
+        if any(e < 1 for e in self.epochs):
+            p.append(f"{at}.epochs: {self.epochs}: every choice must be at least 1. Fix: e.g. [3].")
+        if any(r < 1 for r in self.lora_r):
+            p.append(f"{at}.lora_r: {self.lora_r}: every rank must be at least 1. Fix: e.g. [4, 8, 16].")
+        if any(not ms for ms in self.target_modules):
+            p.append(f"{at}.target_modules: every choice needs at least one module. Fix: e.g. [[q, v]].")
+        if self.layers not in ("subset", "all"):
+            p.append(f"{at}.layers: {self.layers!r} is unknown. Fix: subset or all.")
+        return p + self._check_shapes(at)
+
+    def _check_shapes(self, at: str) -> list[str]:
+        if self.keep_layers is None:
+            return []
+        p = []
+        if not self.keep_layers:
+            p.append(f"{at}.keep_layers: no shape listed. Fix: list shapes such as [[0, 2, 4], [0, 3]], or unset it.")
+        for shape in self.keep_layers:
+            if not shape or len(set(shape)) != len(shape):
+                p.append(f"{at}.keep_layers: {shape} must list at least one layer, each once. Fix: e.g. [0, 2, 4].")
+        if self.layers == "subset":
+            p.append(f"{at}.layers: subset picks LoRA layers by position, which is a different layer in each shape "
+                     f"of {at}.keep_layers. Fix: {at}.layers: all when shapes are searched.")
+        return p
 
 
 @dataclass
@@ -274,6 +426,22 @@ class SearchConfig:
     """Tune `reuse_actors`: a finished trial's process runs the next trial of the same shape, so
     imports (~5 s on 2 cores) and on a GPU the CUDA warm-up are paid once per slot, not per trial."""
 
+    def check(self, at: str = "search") -> list[str]:
+        p = []
+        for attr in ("trials", "concurrency", "grace_period", "max_rejections"):
+            if getattr(self, attr) < 1:
+                p.append(f"{at}.{attr}: {getattr(self, attr)} must be at least 1. Fix: e.g. "
+                         f"{at}.{attr}: {max(1, getattr(SearchConfig(), attr))}.")
+        if self.reduction_factor < 2:
+            p.append(f"{at}.reduction_factor: {self.reduction_factor} must be at least 2. Fix: e.g. 2.")
+        if self.latency_budget_ms is not None and self.latency_budget_ms <= 0:
+            p.append(f"{at}.latency_budget_ms: {self.latency_budget_ms} must be above 0 milliseconds. Fix: e.g. 5, or "
+                     f"unset it.")
+        if self.min_speedup is not None and self.min_speedup <= 0:
+            p.append(f"{at}.min_speedup: {self.min_speedup} must be above 0 (2 = twice as fast as the teacher). Fix: "
+                     f"e.g. 2, or unset it.")
+        return p
+
 
 @dataclass
 class FinalConfig:
@@ -295,6 +463,18 @@ class FinalConfig:
     """A published result the report cites beside the teacher and student (who, model, split)."""
     reference_accuracy: float | None = None
     """That result's accuracy, a fraction."""
+
+    def check(self, at: str = "final") -> list[str]:
+        p = []
+        for attr in ("seeds", "latency_runs", "throughput_batch_size"):
+            if getattr(self, attr) < 1:
+                p.append(f"{at}.{attr}: {getattr(self, attr)} must be at least 1. Fix: e.g. "
+                         f"{at}.{attr}: {getattr(FinalConfig(), attr)}.")
+        for attr in ("warmup_runs", "examples_per_bucket"):
+            if getattr(self, attr) < 0:
+                p.append(f"{at}.{attr}: {getattr(self, attr)} must be 0 or more. Fix: e.g. "
+                         f"{at}.{attr}: {getattr(FinalConfig(), attr)}.")
+        return p
 
 
 @dataclass
@@ -323,11 +503,36 @@ class RunConfig:
     source_file: str | None = None
     """The YAML file this config came from (set by the loader, for messages)."""
 
-    def validate(self) -> None:
-        """Raise one `UserError` listing every problem found."""
-        problems = _check_values(self)
-        if problems:
-            raise UserError(problems, where=self.source_file)
+    def check(self) -> list[str]:
+        """Every problem of the config: each section's own (`check` of each), then what involves
+        several sections. Collected, not raised, so a file's mistakes are reported at once."""
+        p = []
+        if not SAFE_NAME.fullmatch(self.name):
+            p.append(f"name: {self.name!r} is not a safe directory name: use letters, digits, '.', '_' and '-', not "
+                     f"starting with '.' or '-'. Fix: e.g. --name my-run.")
+        if self.budget is not None and self.budget < 1:
+            p.append(f"budget: {self.budget} trainable parameters is not a budget: it must be positive. "
+                     f"Fix: e.g. --budget 1e6.")
+        if self.budget is not None and self.budget > MAX_BUDGET:
+            p.append(f"budget: {self.budget:.3g} trainable parameters is more than any student kdray can build "
+                     f"(at most {MAX_BUDGET:.0e}). Fix: e.g. --budget 1e6.")
+        p += self.data.check() + self.teacher.check() + self.student.check() + self.train.check("train")
+        p += self.resources.check("resources") + self.space.check() + self.search.check() + self.final.check()
+        return p + self._check_student_start()
+
+    def _check_student_start(self) -> list[str]:
+        """`student.init: teacher` needs the student to be the teacher's model."""
+        s, t = self.student, self.teacher
+        if s.init != "teacher":
+            return []
+        differ = [f for f in ("name", "config", "tokenizer") if getattr(s, f) != getattr(t, f)]
+        if not differ:
+            return []
+        pairs = "; ".join(f"student.{f} {getattr(s, f)!r}, teacher.{f} {getattr(t, f)!r}" for f in differ)
+        return [f"student.init: teacher starts the student from the fine-tuned teacher's weights, so the student must "
+                f"be the teacher's model, but they differ ({pairs}). Fix: give the student the teacher's "
+                f"{' and '.join(differ)} (keep_layers picks its layers), or set student.init: pretrained "
+                f"(--set student.init=pretrained)."]
 
     def repeat_seeds(self, n: int) -> range:
         """The seeds of `n` runs of one configuration: `seed`, `seed + 1`, ... The final stage
@@ -343,25 +548,10 @@ def shipped_spaces() -> list[str]:
     return sorted(q.stem for q in SPACES_DIR.glob("*.yaml"))
 
 
-def help_epilog(*examples: str) -> str:
-    """The end of a command's `--help`: examples and the shipped spaces (use with
-    `formatter_class=argparse.RawDescriptionHelpFormatter`)."""
-    lines = ["examples:", *(f"  {e}" for e in examples), "",
-             f"shipped spaces (--space NAME): {', '.join(shipped_spaces())}"]
-    return "\n".join(lines)
 
 
-def add_space_arguments(parser: Any, set_example: str) -> None:
-    """`--space` and `--set`, the same for every command that reads a search space."""
-    parser.add_argument("--space", help="search-space YAML, or a shipped space's name (default: default)")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help=f"override a config field, e.g. --set {set_example} (repeatable)")
 
 
-def check_seeds_flag(seeds: int | None) -> None:
-    """A `--seeds N` flag (`kdray final`, `kdray distill`): N runs per configuration, at least one."""
-    if seeds is not None and seeds < 1:
-        raise UserError(f"--seeds {seeds}: needs at least 1 seed; give 1 or more, e.g. --seeds 3.")
 
 
 def resolve_space_path(space: str | os.PathLike | None) -> Path:
@@ -402,7 +592,7 @@ def load_config(space: str | os.PathLike | None = None, overrides: list[str] | N
     cfg = _build(RunConfig, raw, "", problems)
     cfg.source_file = str(path)
     cfg.flag_origins = origin  # not a field: later checks name the flag (`origin_of`)
-    problems += _check_values(cfg)  # fields that failed to parse keep their defaults here
+    problems += cfg.check()  # fields that failed to parse keep their defaults here
     if problems:
         raise _attributed(problems, origin, str(path))
     _absolutize_paths(cfg)
@@ -664,158 +854,3 @@ def student_shapes(cfg: RunConfig) -> list[list[int] | None]:
     if cfg.space.keep_layers:
         return [list(shape) for shape in cfg.space.keep_layers]
     return [cfg.student.keep_layers]
-
-
-def _check_values(cfg: RunConfig) -> list[str]:
-    p: list[str] = []
-    if not SAFE_NAME.fullmatch(cfg.name):
-        p.append(f"name: {cfg.name!r} is not a safe directory name: use letters, digits, '.', '_' and '-', not "
-                 f"starting with '.' or '-'. Fix: e.g. --name my-run.")
-    d = cfg.data
-    if d.train_file is None and d.source is None:
-        p.append("data.source: no data given. Fix: set data.source (e.g. embedded:rotten_tomatoes) "
-                 "or data.train_file.")
-    if d.format is not None and d.format not in FILE_FORMATS:
-        p.append(f"data.format: {d.format!r} is unknown. Fix: use one of {', '.join(FILE_FORMATS)}.")
-    for attr in ("validation_size", "test_size"):
-        v = getattr(d, attr)
-        if v <= 0 or (v >= 1 and v != int(v)):
-            p.append(f"data.{attr}: {v} must be a fraction in (0, 1) or a whole number of rows.")
-    for attr in ("max_train_samples", "max_validation_samples", "max_test_samples", "max_unlabeled_samples"):
-        v = getattr(d, attr)
-        if v is not None and v < 1:
-            p.append(f"data.{attr}: {v} must be at least 1 (or unset for all rows).")
-    if d.max_length < 8:
-        p.append(f"data.max_length: {d.max_length} tokens is too short. Fix: use at least 8 (typically 64-512).")
-    if d.label_names is not None and len(set(d.label_names)) != len(d.label_names):
-        p.append(f"data.label_names: {d.label_names} has duplicates. Fix: list each label once.")
-    if d.label_names is not None and len(d.label_names) < 2:
-        p.append("data.label_names: a classifier needs at least 2 labels.")
-    for section, m in (("teacher", cfg.teacher), ("student", cfg.student)):
-        if (m.name is None) == (m.config is None):
-            p.append(f"{section}: set exactly one of {section}.name (pretrained) or {section}.config (random init).")
-        if m.config is not None and "model_type" not in m.config:
-            p.append(f"{section}.config: needs model_type (e.g. bert, distilbert, roberta).")
-        if m.config is not None and m.tokenizer is None:
-            p.append(f"{section}.tokenizer: a model built from an inline config needs a tokenizer "
-                     f"(e.g. embedded:minilm-l6).")
-        if m.keep_layers is not None:
-            if not m.keep_layers:
-                p.append(f"{section}.keep_layers: empty. Fix: list at least one layer, or unset it to keep all.")
-            elif len(set(m.keep_layers)) != len(m.keep_layers):
-                p.append(f"{section}.keep_layers: {m.keep_layers} repeats a layer. Fix: list each layer once.")
-    for section, t in (("train", cfg.train), ("teacher.train", cfg.teacher.train)):
-        p += _check_train(section, t)
-    for section, r in (("resources", cfg.resources), ("teacher.resources", cfg.teacher.resources)):
-        if r is None:
-            continue
-        if r.workers < 1:
-            p.append(f"{section}.workers: {r.workers} must be at least 1.")
-        if r.cpus_per_worker <= 0:
-            p.append(f"{section}.cpus_per_worker: {r.cpus_per_worker} must be above 0.")
-        if r.gpus_per_worker < 0:
-            p.append(f"{section}.gpus_per_worker: {r.gpus_per_worker} must be 0 (CPU) or more.")
-        if r.device not in ("auto", "cpu", "gpu"):
-            p.append(f"{section}.device: {r.device!r} is unknown. Fix: auto, cpu or gpu.")
-        if r.gpu_wait_s < 0:
-            p.append(f"{section}.gpu_wait_s: {r.gpu_wait_s:g} seconds must be 0 or more. Fix: e.g. 900.")
-    if cfg.teacher.mode not in ("full", "lora"):
-        p.append(f"teacher.mode: {cfg.teacher.mode!r} is unknown. Fix: use full or lora.")
-    s = cfg.student
-    if s.mode not in STUDENT_MODES:
-        p.append(f"student.mode: {s.mode!r} is unknown. Fix: use one of {', '.join(STUDENT_MODES)}.")
-    if s.init not in STUDENT_INITS:
-        p.append(f"student.init: {s.init!r} is unknown. Fix: use one of {', '.join(STUDENT_INITS)}.")
-    elif s.init == "teacher":
-        differ = [f for f in ("name", "config", "tokenizer") if getattr(s, f) != getattr(cfg.teacher, f)]
-        if differ:
-            pairs = "; ".join(f"student.{f} {getattr(s, f)!r}, teacher.{f} {getattr(cfg.teacher, f)!r}" for f in differ)
-            p.append(f"student.init: teacher starts the student from the fine-tuned teacher's weights, so the student "
-                     f"must be the teacher's model, but they differ ({pairs}). Fix: give the student the teacher's "
-                     f"{' and '.join(differ)} (keep_layers picks its layers), or set student.init: pretrained "
-                     f"(--set student.init=pretrained).")
-    if s.lora.r < 1:
-        p.append(f"student.lora.r: rank {s.lora.r} must be at least 1.")
-    if not 0 <= s.lora.dropout < 1:
-        p.append(f"student.lora.dropout: {s.lora.dropout} must be in [0, 1).")
-    if not s.lora.target_modules:
-        p.append("student.lora.target_modules: empty. Fix: list modules such as [q, v].")
-    if s.lora.layers is not None and not s.lora.layers:
-        p.append("student.lora.layers: empty. Fix: list layers, or unset it for all layers.")
-    if cfg.budget is not None and cfg.budget < 1:
-        p.append(f"budget: {cfg.budget} trainable parameters is not a budget: it must be positive. "
-                 f"Fix: e.g. --budget 1e6.")
-    if cfg.budget is not None and cfg.budget > MAX_BUDGET:
-        p.append(f"budget: {cfg.budget:.3g} trainable parameters is more than any student kdray can build "
-                 f"(at most {MAX_BUDGET:.0e}). Fix: e.g. --budget 1e6.")
-    sp = cfg.space
-    for attr in ("alpha", "temperature", "learning_rate", "lora_dropout"):
-        v = getattr(sp, attr)
-        if len(v) != 2 or v[0] > v[1]:
-            p.append(f"space.{attr}: {v} must be a range [low, high] with low <= high.")
-    if len(sp.alpha) == 2 and not (0 <= sp.alpha[0] and sp.alpha[1] <= 1):
-        p.append(f"space.alpha: {sp.alpha} must lie in [0, 1].")
-    if len(sp.temperature) == 2 and sp.temperature[0] <= 0:
-        p.append(f"space.temperature: {sp.temperature} must be above 0.")
-    if len(sp.learning_rate) == 2 and sp.learning_rate[0] <= 0:
-        p.append(f"space.learning_rate: {sp.learning_rate} must be above 0.")
-    for attr in ("lora_r", "lora_alpha", "target_modules", "epochs"):
-        if not getattr(sp, attr):
-            p.append(f"space.{attr}: needs at least one choice.")
-    if any(e < 1 for e in sp.epochs):
-        p.append(f"space.epochs: {sp.epochs}: every choice must be at least 1.")
-    if sp.layers not in ("subset", "all"):
-        p.append(f"space.layers: {sp.layers!r} is unknown. Fix: subset or all.")
-    if sp.keep_layers is not None:
-        if not sp.keep_layers:
-            p.append("space.keep_layers: no shape listed. Fix: list shapes such as [[0, 2, 4], [0, 3]], or unset it.")
-        for shape in sp.keep_layers:
-            if not shape or len(set(shape)) != len(shape):
-                p.append(f"space.keep_layers: {shape} must list at least one layer, each once.")
-        if sp.layers == "subset":
-            p.append("space.layers: subset picks LoRA layers by position, which is a different layer in each shape "
-                     "of space.keep_layers. Fix: space.layers: all when shapes are searched.")
-    se = cfg.search
-    for attr in ("trials", "concurrency", "grace_period", "max_rejections"):
-        if getattr(se, attr) < 1:
-            p.append(f"search.{attr}: {getattr(se, attr)} must be at least 1.")
-    if se.reduction_factor < 2:
-        p.append(f"search.reduction_factor: {se.reduction_factor} must be at least 2.")
-    if se.latency_budget_ms is not None and se.latency_budget_ms <= 0:
-        p.append(f"search.latency_budget_ms: {se.latency_budget_ms} must be above 0 milliseconds.")
-    if se.min_speedup is not None and se.min_speedup <= 0:
-        p.append(f"search.min_speedup: {se.min_speedup} must be above 0 (2 = twice as fast as the teacher).")
-    fi = cfg.final
-    for attr in ("seeds", "latency_runs", "throughput_batch_size"):
-        if getattr(fi, attr) < 1:
-            p.append(f"final.{attr}: {getattr(fi, attr)} must be at least 1.")
-    for attr in ("warmup_runs", "examples_per_bucket"):
-        if getattr(fi, attr) < 0:
-            p.append(f"final.{attr}: {getattr(fi, attr)} must be 0 or more.")
-    if any(not ms for ms in cfg.space.target_modules):
-        p.append("space.target_modules: every choice needs at least one module.")
-    if any(r < 1 for r in cfg.space.lora_r):
-        p.append("space.lora_r: every rank must be at least 1.")
-    return p
-
-
-def _check_train(section: str, t: TrainConfig) -> list[str]:
-    p = []
-    if t.epochs < 0:
-        p.append(f"{section}.epochs: {t.epochs} must be 0 or more.")
-    for attr in ("batch_size", "eval_batch_size"):
-        if getattr(t, attr) < 1:
-            p.append(f"{section}.{attr}: {getattr(t, attr)} must be at least 1.")
-    if t.learning_rate <= 0:
-        p.append(f"{section}.learning_rate: {t.learning_rate} must be above 0.")
-    if not 0 <= t.alpha <= 1:
-        p.append(f"{section}.alpha: {t.alpha} must be in [0, 1] (1 = labels only, 0 = teacher only).")
-    if t.temperature <= 0:
-        p.append(f"{section}.temperature: {t.temperature} must be above 0.")
-    if not 0 <= t.warmup_ratio < 1:
-        p.append(f"{section}.warmup_ratio: {t.warmup_ratio} must be in [0, 1).")
-    if t.teacher_logits not in ("cached", "online"):
-        p.append(f"{section}.teacher_logits: {t.teacher_logits!r} is unknown. Fix: cached or online.")
-    if t.precision not in PRECISIONS:
-        p.append(f"{section}.precision: {t.precision!r} is unknown. Fix: one of {', '.join(PRECISIONS)}.")
-    return p

@@ -13,6 +13,7 @@ import os
 import sys
 import warnings
 
+
 VERBOSE_ENV = "KDRAY_VERBOSE"
 
 

@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import os
+import signal
 import sys
 from collections.abc import Callable, Sequence
 
+
 EXIT_USER_ERROR = 2
+#: 128 + SIGINT, as a shell reports a command Ctrl-C stopped.
+EXIT_SIGINT = 130
 
 
 class UserError(Exception):
@@ -29,6 +33,19 @@ class UserError(Exception):
         return "\n".join(lines)
 
 
+class Interrupted(Exception):
+    """Ctrl-C (SIGINT) or SIGTERM stopped the command: what finished is kept, the message says how
+    to continue, and the exit status is 128 + the signal (130, 143), as a shell reports it."""
+
+    def __init__(self, code: int, message: str):
+        self.code = code
+        super().__init__(message)
+
+
+def _on_sigterm(signum: int, frame: object) -> None:
+    raise Interrupted(128 + signum, "stopped (SIGTERM)")
+
+
 def run_cli(main: Callable[[list[str] | None], int | None], argv: list[str] | None = None) -> None:
     """Run a command-line entry point; a `UserError` prints one message and exits with status 2."""
     # kdray prints what a user needs; transformers' per-load reports (the new head is "MISSING"
@@ -44,11 +61,18 @@ def run_cli(main: Callable[[list[str] | None], int | None], argv: list[str] | No
     from kdray.console import configure
 
     configure("--verbose" in (sys.argv[1:] if argv is None else argv))
+    signal.signal(signal.SIGTERM, _on_sigterm)  # like Ctrl-C: a clean message and 143, not a silent kill
     try:
         code = main(argv)
     except UserError as e:
         print(e.message(), file=sys.stderr)
         sys.exit(EXIT_USER_ERROR)
+    except Interrupted as e:
+        print(f"kdray: interrupted: {e}", file=sys.stderr)
+        exit_now(e.code)
+    except KeyboardInterrupt:
+        print("kdray: interrupted (SIGINT); what finished is kept", file=sys.stderr)
+        exit_now(EXIT_SIGINT)
     exit_now(code or 0)
 
 

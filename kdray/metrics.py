@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
+
 TRAIN_LOSS = "train/loss"
 TRAIN_CE = "train/ce_loss"
 TRAIN_KD = "train/kd_loss"
@@ -15,7 +16,7 @@ TEST_F1 = "test/f1_macro"
 TEST_PRECISION = "test/precision_macro"
 TEST_RECALL = "test/recall_macro"
 TRAINABLE_PARAMS = "trainable_params"
-#: A student shape's batch-1 p50 latency in ms, measured before the search (`kdray.shapes`).
+#: A student shape's batch-1 p50 latency in ms, measured before the search (`kdray.stages.shapes`).
 LATENCY_MS = "latency_ms"
 EPOCHS_DONE = "epochs_done"
 """Epochs finished: ASHA's time attribute (it survives a Tune-level restore, RAY_NOTES.md)."""

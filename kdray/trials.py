@@ -15,6 +15,7 @@ from typing import Any
 from kdray import metrics as M
 from kdray.config import LoraChoice, TrainableModelConfig
 
+
 #: An Optuna trial's user attribute: the sample was infeasible (over budget, no layer, or a too-slow
 #: shape) and never trained.
 REJECTED_ATTR = "kdray_rejected"
@@ -22,6 +23,12 @@ REJECTED_ATTR = "kdray_rejected"
 REJECTED_WHY_ATTR = "kdray_rejected_why"
 #: Trial statuses in `search/trials.parquet`.
 STATUSES = ("completed", "stopped early", "failed")
+#: The final stage's variants: the search's choice and its two baselines.
+VARIANTS = {
+    "student": "distilled LoRA student (the search's best configuration)",
+    "no_kd": "the same LoRA student on labels only (alpha = 1)",
+    "head_only": "frozen encoder, trained classifier head (same alpha, T, learning rate, epochs)",
+}
 LAYER_PREFIX = "layer_"
 #: The Optuna parameter (and trials.parquet column) of the student's shape: comma-joined `keep_layers`.
 SHAPE_PARAM = "keep_layers"
@@ -70,8 +77,8 @@ class TrialConfig:
         """From Optuna's flat parameters (`layer_i` flags present only when layers are searched)."""
         flags = {int(k[len(LAYER_PREFIX):]): bool(v) for k, v in params.items() if k.startswith(LAYER_PREFIX)}
         layers = sorted(i for i, on in flags.items() if on) if flags else None
-        lora = LoraChoice(r=int(params["lora_r"]), alpha=float(params["lora_alpha"]),
-                          dropout=float(params["lora_dropout"]),
+        lora = LoraChoice(r=int(params["lora_r"]), lora_alpha=float(params["lora_alpha"]),
+                          lora_dropout=float(params["lora_dropout"]),
                           target_modules=str(params["target_modules"]).split(","), layers=layers)
         return cls(alpha=float(params["alpha"]), temperature=float(params["temperature"]),
                    learning_rate=float(params["learning_rate"]), epochs=int(params["epochs"]), lora=lora,
@@ -99,7 +106,7 @@ class TrialConfig:
     def to_row(self) -> dict[str, Any]:
         """The configuration columns of a `trials.parquet` row."""
         return {"alpha": self.alpha, "temperature": self.temperature, "learning_rate": self.learning_rate,
-                "lora_alpha": self.lora.alpha, "lora_dropout": self.lora.dropout, "lora_r": self.lora.r,
+                "lora_alpha": self.lora.lora_alpha, "lora_dropout": self.lora.lora_dropout, "lora_r": self.lora.r,
                 "target_modules": ",".join(self.lora.target_modules), "layers": self.layers_text,
                 "epochs": self.epochs, M.TRAINABLE_PARAMS: self.trainable_params,
                 SHAPE_PARAM: shape_text(self.keep_layers)}
@@ -107,7 +114,7 @@ class TrialConfig:
     @classmethod
     def from_row(cls, row: dict[str, Any]) -> "TrialConfig":
         layers = None if row["layers"] == "all" else [int(x) for x in row["layers"].split(",")]
-        lora = LoraChoice(r=int(row["lora_r"]), alpha=float(row["lora_alpha"]), dropout=float(row["lora_dropout"]),
+        lora = LoraChoice(r=int(row["lora_r"]), lora_alpha=float(row["lora_alpha"]), lora_dropout=float(row["lora_dropout"]),
                           target_modules=str(row["target_modules"]).split(","), layers=layers)
         return cls(alpha=float(row["alpha"]), temperature=float(row["temperature"]),
                    learning_rate=float(row["learning_rate"]), epochs=int(row["epochs"]), lora=lora,
@@ -125,7 +132,7 @@ class TrialConfig:
         t, lora = best["train"], best["student"]["lora"]
         return cls(alpha=float(t["alpha"]), temperature=float(t["temperature"]),
                    learning_rate=float(t["learning_rate"]), epochs=int(t["epochs"]),
-                   lora=LoraChoice(r=int(lora["r"]), alpha=float(lora["alpha"]), dropout=float(lora["dropout"]),
+                   lora=LoraChoice(r=int(lora["r"]), lora_alpha=float(lora["lora_alpha"]), lora_dropout=float(lora["lora_dropout"]),
                                    target_modules=list(lora["target_modules"]), layers=lora["layers"]),
                    trainable_params=int(best.get(M.TRAINABLE_PARAMS, 0)), mode=best["student"].get("mode", "lora"),
                    keep_layers=best["student"].get("keep_layers"))
@@ -138,7 +145,7 @@ class TrialConfig:
                                    keep_layers=base.keep_layers if self.keep_layers is None else list(self.keep_layers))
 
     def job(self, template: Any) -> Any:
-        """The `kdray.loop.DistillJob` of this configuration, from the run's `template` job."""
+        """The `kdray.train.loop.DistillJob` of this configuration, from the run's `template` job."""
         train = dataclasses.replace(template.train, alpha=self.alpha, temperature=self.temperature,
                                     learning_rate=self.learning_rate, epochs=self.epochs)
         return dataclasses.replace(template, model=self.student(template.model), train=train,

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+
 # Before Ray or wandb is imported anywhere: no token auth for the local test cluster, no wandb key.
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("WANDB_MODE", "offline")
@@ -33,7 +34,7 @@ def ray_cluster():
     """One real local Ray cluster for the session, as big as the CI machine: 2 CPUs."""
     import ray
 
-    from kdray.cluster import init_ray
+    from kdray.runtime.cluster import init_ray
 
     init_ray(num_cpus=2)
     yield ray

@@ -4,7 +4,7 @@ Each node is its own `ray start --block` process group, with its own temp dir an
 never touches the test session's own cluster. A node may hold *logical* GPUs (`--num-gpus`):
 Ray schedules and assigns them exactly as real ones. Such a cluster is a simulation of a GPU
 cluster, and the processes it starts compute on the CPU only because `KDRAY_SIMULATE_GPUS` is
-set in their environment (`kdray.devices`): `LocalNodes(simulate_gpus=True)`.
+set in their environment (`kdray.runtime.devices`): `LocalNodes(simulate_gpus=True)`.
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ import urllib.request
 from pathlib import Path
 
 import psutil
+
 
 RAY = str(Path(sys.executable).parent / "ray")
 ROOT = Path(__file__).resolve().parents[1]

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import pytest
 
+
 ROOT = Path(__file__).resolve().parents[1]
 
 GOOD_CSV = "review,sentiment\n" + "".join(f"text number {i},{'pos' if i % 2 else 'neg'}\n" for i in range(40))

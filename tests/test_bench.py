@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from kdray.bench import main
+from bench.bench import main
 
 
 def test_overhead_of_the_smoke_search(smoke_run, tmp_path):
@@ -37,12 +37,12 @@ def test_eval_passes_of_the_smoke_models_at_two_batch_sizes(tmp_path):
 
 
 def test_readme_performance_table_is_the_committed_json():
-    from kdray.bench import TABLE_END, TABLE_START, readme_table
+    from bench.bench import TABLE_END, TABLE_START, readme_table
     from tests.conftest import ROOT
 
     text = (ROOT / "README.md").read_text()
     table = text.split(TABLE_START, 1)[1].split(TABLE_END, 1)[0].strip()
-    assert table == readme_table(ROOT / "bench" / "results"), "run `python -m kdray.bench readme`"
+    assert table == readme_table(ROOT / "bench" / "results"), "run `python bench/bench.py readme`"
     assert table.count("\n") >= 4  # header, rule and measured rows
 
 

@@ -5,10 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kdray.budget import count, head_cost, rank_limit
 from kdray.config import LoraChoice, StudentConfig
-from kdray.models import build_student, count_trainable
+from kdray.train.budget import count, head_cost, rank_limit
+from kdray.train.models import build_student, count_trainable
 from tests.conftest import TINY_CONFIGS
+
 
 DISTILBERT_BASE = {"model_type": "distilbert"}  # DistilBertConfig() defaults = distilbert-base-uncased
 ROBERTA_BASE = {"model_type": "roberta", "vocab_size": 50265, "max_position_embeddings": 514, "type_vocab_size": 1}

@@ -22,6 +22,7 @@ import yaml
 from tests.conftest import ROOT
 from tests.ray_nodes import LocalNodes
 
+
 LAUNCH = ROOT / "launch"
 
 
@@ -104,8 +105,8 @@ def search_args(command: str) -> list[str]:
 
 
 def check_search_command(args: list[str]) -> None:
+    from kdray.cli.search import build_parser
     from kdray.config import load_config
-    from kdray.pipeline import build_parser
 
     parsed = build_parser().parse_args(args)
     space = ROOT / parsed.space if not Path(parsed.space).is_absolute() else Path(parsed.space)
@@ -164,8 +165,8 @@ def test_launch_readme_commands_are_accepted():
 def test_a_local_ray_starts_the_dashboard_only_for_worker_groups():
     """The dashboard frees the placement groups of stopped several-worker trials (RAY_NOTES.md);
     a run of one-worker trials starts none, so it skips the dashboard's ~4 s start-up."""
-    from kdray.cluster import needs_dashboard
     from kdray.config import load_config
+    from kdray.runtime.cluster import needs_dashboard
 
     assert not needs_dashboard(load_config("default", []))  # the teacher's 2 CPUs are one worker
     assert needs_dashboard(load_config("smoke", ["resources.workers=2"]))

@@ -7,10 +7,11 @@ import sys
 
 import pytest
 
-from kdray.budget import count
 from kdray.config import SPACES_DIR, load_config
 from kdray.errors import UserError
+from kdray.train.budget import count
 from tests.conftest import ROOT
+
 
 SHIPPED = sorted(p.stem for p in SPACES_DIR.glob("*.yaml"))
 
@@ -34,8 +35,8 @@ HUB_CONFIGS = {
 def test_every_shipped_space_loads_and_samples_within_budget(name, tmp_path):
     import optuna
 
-    from kdray.models import build_model, encoder_layers
-    from kdray.study import BudgetedSpace
+    from kdray.stages.searcher import BudgetedSpace
+    from kdray.train.models import build_model, encoder_layers
 
     cfg = load_config(name)
     for spec in (cfg.teacher, cfg.student):
@@ -83,7 +84,7 @@ def test_relative_paths_become_absolute(tmp_path, monkeypatch):
 
 
 def run_budget(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "kdray.budget", *args], capture_output=True, text=True, cwd=ROOT)
+    return subprocess.run([sys.executable, "-m", "kdray", "budget", *args], capture_output=True, text=True, cwd=ROOT)
 
 
 def test_budget_cli_prints_count_and_feasible_ranks():

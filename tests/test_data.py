@@ -7,12 +7,12 @@ import json
 import pandas as pd
 import pytest
 
-from kdray.config import DataConfig
-from kdray.data import (SPLITS, TRANSFER_ID_BASE, UNLABELED, _select_columns, from_hub_dataset, load_data,
-                        tokenize)
+from kdray.config import DataConfig, ModelConfig
+from kdray.data.load import SPLITS, TRANSFER_ID_BASE, UNLABELED, load_data
+from kdray.data.read import from_hub_dataset, select_columns
+from kdray.data.tokenize import tokenize
 from kdray.errors import UserError
-from kdray.models import load_tokenizer
-from kdray.config import ModelConfig
+from kdray.train.models import load_tokenizer
 
 
 def split_of(task, name: str):
@@ -140,7 +140,7 @@ def test_financial_phrasebank_hub_mapping():
     frames, where, label_names = from_hub_dataset(dd, cfg)
     assert label_names == names and set(frames) == {"train"}
     assert frames["train"].attrs["default_text_columns"] == ["sentence"]
-    picked = _select_columns(frames["train"], cfg, where["train"])
+    picked = select_columns(frames["train"], cfg, where["train"])
     assert list(picked["text"][:2]) == [t for t, _ in FPB_LINES[:2]]
 
 

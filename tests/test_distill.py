@@ -15,10 +15,14 @@ import torch.nn.functional as F
 
 from kdray import metrics as M
 from kdray.config import load_config
-from kdray.data import load_data, tokenize
-from kdray.loop import (DeviceSplit, DistillData, DistillJob, OnlineTeacher, Split, TeacherLogits, cached_teacher, distill,
-                        kd_loss, make_batches, native_bf16, predict_logits, resolve_precision)
-from kdray.models import build_model, build_student, load_tokenizer
+from kdray.data.load import load_data
+from kdray.data.tokenize import tokenize
+from kdray.train.batches import DeviceSplit, Split, make_batches
+from kdray.train.logits import TeacherLogits
+from kdray.train.loop import DistillData, DistillJob, OnlineTeacher, cached_teacher, distill, predict_logits
+from kdray.train.loss import kd_loss
+from kdray.train.models import build_model, build_student, load_tokenizer
+from kdray.train.precision import native_bf16, resolve_precision
 
 
 # ----------------------------------------------------------------------------- loss golden values
@@ -225,7 +229,7 @@ def test_checkpoint_resume_in_process_continues_at_epoch_two(smoke, tmp_path):
 def test_two_worker_ray_train_run_reports_each_epoch_and_resumes(ray_cluster, smoke, tmp_path):
     from ray.train import Checkpoint
 
-    from kdray.engine import TrialSpec, ddp_loop, distill_entry, fit
+    from kdray.runtime.engine import TrialSpec, ddp_loop, distill_entry, fit
 
     cfg, task, tok, train, val = smoke
     table = TeacherLogits(train.example_ids, np.random.default_rng(0).normal(size=(len(train), 2)).astype(np.float32))

@@ -1,10 +1,9 @@
 """The trial engine on a real local Ray cluster: one-worker trials run in the Tune trial's own
-process (no Ray Train worker group), several-worker trials on a DDP worker group; kdray's own
-import graph has no cycle; two searches on one machine at once do not break each other."""
+process (no Ray Train worker group), several-worker trials on a DDP worker group; two searches
+on one machine at once do not break each other."""
 
 from __future__ import annotations
 
-import ast
 import dataclasses
 import json
 import os
@@ -18,18 +17,22 @@ import pytest
 import torch
 
 from kdray import metrics as M
-from kdray.budget import count
 from kdray.config import load_config
+from kdray.train.budget import count
 from tests.conftest import ROOT
+
 
 TRAIN_ACTORS = {"TrainController", "RayTrainWorker"}
 
 
 @pytest.fixture(scope="module")
 def job_and_data(ray_cluster):
-    from kdray.data import load_data, tokenize
-    from kdray.loop import DistillData, DistillJob, Split, TeacherLogits
-    from kdray.models import load_tokenizer
+    from kdray.data.load import load_data
+    from kdray.data.tokenize import tokenize
+    from kdray.train.batches import Split
+    from kdray.train.logits import TeacherLogits
+    from kdray.train.loop import DistillData, DistillJob
+    from kdray.train.models import load_tokenizer
 
     cfg = load_config("smoke", ["data.max_train_samples=256"])
     task = load_data(cfg.data)
@@ -53,7 +56,7 @@ def run_spec(spec, tmp_path: Path, name: str):
     """The spec's job as one Tune trial keeping every epoch's checkpoint."""
     from ray import tune
 
-    from kdray.engine import tune_run_config, tune_trainable
+    from kdray.runtime.engine import tune_run_config, tune_trainable
 
     grid = tune.Tuner(tune_trainable(spec), run_config=tune_run_config(name, tmp_path, keep=10, max_failures=0)).fit()
     (result,) = grid
@@ -62,7 +65,7 @@ def run_spec(spec, tmp_path: Path, name: str):
 
 
 def test_one_worker_trial_starts_no_train_worker_group_and_reports_every_epoch(job_and_data, tmp_path):
-    from kdray.engine import TrialSpec, distill_entry
+    from kdray.runtime.engine import TrialSpec, distill_entry
 
     cfg, job, data = job_and_data
     before = actor_classes()
@@ -82,7 +85,7 @@ def test_one_worker_trial_starts_no_train_worker_group_and_reports_every_epoch(j
 
 
 def test_two_worker_trial_runs_ddp_through_the_engine(job_and_data, tmp_path):
-    from kdray.engine import TrialSpec, distill_entry
+    from kdray.runtime.engine import TrialSpec, distill_entry
 
     cfg, job, data = job_and_data
     before = actor_classes()
@@ -104,8 +107,8 @@ def test_resources_follow_the_cluster_without_a_gpu(ray_cluster, capsys):
     """The plan read from the running cluster (no GPU): CPUs, said once with what the trials
     train in; an explicit GPU share or `device: gpu` has no GPU to use and is refused."""
     from kdray.errors import UserError
-    from kdray.loop import native_bf16
-    from kdray.resources import plan_run, read_view
+    from kdray.runtime.resources import plan_run, read_view
+    from kdray.train.precision import native_bf16
 
     view = read_view()
     assert view.gpus == 0 and not view.addable
@@ -117,74 +120,12 @@ def test_resources_follow_the_cluster_without_a_gpu(ray_cluster, capsys):
     assert f"; {here} (train.precision auto: this machine's CPU has" in line
     assert plan.students.line("fp32").endswith("; fp32 (train.precision)")
     # A cluster joined by address that says nothing of its autoscaler may still get GPU nodes:
-    # `device: gpu` waits for them there (`kdray.resources.wait_for_gpus`); this one cannot.
+    # `device: gpu` waits for them there (`kdray.runtime.resources.wait_for_gpus`); this one cannot.
     local = dataclasses.replace(view, local=True)
     with pytest.raises(UserError, match="device: gpu, but this machine has no GPU"):
         plan_run(load_config("smoke", ["resources.device=gpu"]), local)
     with pytest.raises(UserError, match="gpus_per_worker: 0.25, but this Ray has no GPU"):
         plan_run(load_config("smoke", ["resources.gpus_per_worker=0.25"]), local)
-
-
-# ----------------------------------------------------------------------------- the house
-
-
-def kdray_imports(root: Path = ROOT) -> dict[str, set[str]]:
-    """module -> the kdray modules it imports, at module level or inside functions.
-
-    The body of `if __name__ == "__main__":` is left out: it runs only when the file is the
-    program (`python -m`), and is then the module `__main__`, not the one imported by name."""
-    graph = {}
-    for path in sorted((root / "kdray").glob("*.py")):
-        name = f"kdray.{path.stem}" if path.stem != "__init__" else "kdray"
-        tree = ast.parse(path.read_text())
-        body = [n for n in tree.body if not (isinstance(n, ast.If) and "__main__" in ast.unparse(n.test))]
-        found = set()
-        for node in ast.walk(ast.Module(body=body, type_ignores=[])):
-            if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("kdray"):
-                found.add(node.module)
-                found.update(f"{node.module}.{a.name}" for a in node.names)  # `from kdray import metrics`
-            elif isinstance(node, ast.Import):
-                found.update(a.name for a in node.names if a.name.startswith("kdray"))
-        graph[name] = found
-    return {m: {d for d in deps if d in graph and d != m} for m, deps in graph.items()}
-
-
-def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
-    """One import cycle of `graph` (`[a, b, ..., a]`), or None (depth-first search)."""
-    state: dict[str, str] = {}
-
-    def visit(m: str, path: list[str]) -> list[str] | None:
-        state[m] = "open"
-        for d in sorted(graph[m]):
-            if state.get(d) == "open":
-                return path[path.index(d):] + [m, d] if d in path else [m, d]
-            if d not in state and (cycle := visit(d, path + [m])):
-                return cycle
-        state[m] = "done"
-        return None
-
-    for m in sorted(graph):
-        if m not in state and (cycle := visit(m, [])):
-            return cycle
-    return None
-
-
-def test_kdrays_import_graph_has_no_cycle():
-    graph = kdray_imports()
-    assert {"kdray.engine", "kdray.loop", "kdray.study", "kdray.pipeline"} <= set(graph)
-    assert "kdray.loop" in graph["kdray.engine"] and "kdray.engine" in graph["kdray.study"]  # the walk sees imports
-    assert find_cycle(graph) is None
-
-
-def test_the_cycle_finder_finds_a_lower_module_importing_a_higher_one(tmp_path):
-    (tmp_path / "kdray").mkdir()
-    (tmp_path / "kdray" / "low.py").write_text("def f():\n    from kdray.high import g\n")
-    (tmp_path / "kdray" / "high.py").write_text("from kdray import low\n\nif __name__ == '__main__':\n"
-                                                "    from kdray import mid\n")
-    (tmp_path / "kdray" / "mid.py").write_text("from kdray.high import g\n")
-    graph = kdray_imports(tmp_path)
-    assert graph == {"kdray.high": {"kdray.low"}, "kdray.low": {"kdray.high"}, "kdray.mid": {"kdray.high"}}
-    assert find_cycle(graph) == ["kdray.high", "kdray.low", "kdray.high"]
 
 
 # ----------------------------------------------------------------------------- two runs at once
@@ -195,7 +136,7 @@ def test_two_smoke_searches_on_one_machine_at_once(tmp_path):
     trial of each reports all its epochs. Both run with torchrun's variables in their
     environment (a command started under torchrun, or from a shell that exported them): the
     trial processes inherit them, and Ray Train's local mode would then wait in
-    `init_process_group` for a second rank that never comes (`kdray.devices.TORCHRUN_ENV`)."""
+    `init_process_group` for a second rank that never comes (`kdray.runtime.devices.TORCHRUN_ENV`)."""
     from tests.ray_nodes import free_port
 
     env = {**os.environ, "KDRAY_CACHE": str(tmp_path / "cache"), "RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "2",

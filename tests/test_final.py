@@ -1,5 +1,5 @@
 """The final stage and report on the smoke run: files, schema, pipeline, merge equivalence,
-baselines; error-analysis buckets by hand; `kdray.predict` and `kdray.final` on bad input."""
+baselines; error-analysis buckets by hand; `kdray.cli.predict` and `kdray.stages.final` on bad input."""
 
 from __future__ import annotations
 
@@ -15,14 +15,15 @@ import torch
 import yaml
 
 from kdray import metrics as M
-from kdray.final import error_analysis
-from kdray.report import PLOTS, SCHEMA_PATH
+from kdray.evaluate.error_analysis import error_analysis
+from kdray.report.results import PLOTS, SCHEMA_PATH
 from tests.conftest import ROOT
 from tests.wandb_log import run_config
 
 
-def cli(module: str, *args: str, **kw) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", module, *args], capture_output=True, text=True, cwd=ROOT, **kw)
+def cli(command: str, *args: str, **kw) -> subprocess.CompletedProcess:
+    """`python -m kdray COMMAND ARGS` in its own process."""
+    return subprocess.run([sys.executable, "-m", "kdray", command, *args], capture_output=True, text=True, cwd=ROOT, **kw)
 
 
 def test_final_stage_writes_every_file_and_a_valid_results_json(smoke_run):
@@ -66,9 +67,11 @@ def test_the_saved_student_loads_in_a_pipeline_and_equals_the_unmerged_one(smoke
     from transformers import AutoModelForSequenceClassification, pipeline
 
     from kdray.config import load_config
-    from kdray.data import load_data, tokenize
-    from kdray.loop import Split, predict_logits
-    from kdray.models import build_model, load_tokenizer
+    from kdray.data.load import load_data
+    from kdray.data.tokenize import tokenize
+    from kdray.train.batches import Split
+    from kdray.train.loop import predict_logits
+    from kdray.train.models import build_model, load_tokenizer
 
     run = smoke_run
     results = json.loads((run / "results.json").read_text())
@@ -87,7 +90,7 @@ def test_the_saved_student_loads_in_a_pipeline_and_equals_the_unmerged_one(smoke
     unmerged = PeftModel.from_pretrained(base, run / "final" / "adapter").eval()
     merged = AutoModelForSequenceClassification.from_pretrained(run / "final" / "student", dtype=torch.float32)
     pad = load_tokenizer(cfg.student).pad_token_id
-    # fp32, as the final stage scores and benchmarks on a CPU (kdray.final.serving_precision)
+    # fp32, as the final stage scores and benchmarks on a CPU (kdray.stages.final.serving_precision)
     a = predict_logits(merged, test, 64, pad, torch.device("cpu"), precision="fp32")
     b = predict_logits(unmerged, test, 64, pad, torch.device("cpu"), precision="fp32")
     assert a.shape == (len(test_split), 2)
@@ -103,9 +106,9 @@ def test_selection_never_reads_the_test_split(smoke_run):
     reader): when the search ended nothing had opened it, the final stage opened it once, and what
     the trials trained and selected on (the teacher's cached logits) holds no test example."""
     from kdray.config import load_config
-    from kdray.data import SELECTION_SPLITS, load_data
-    from kdray.loop import TeacherLogits
-    from kdray.teacher import prepare_teacher
+    from kdray.data.load import SELECTION_SPLITS, load_data
+    from kdray.stages.teacher import prepare_teacher
+    from kdray.train.logits import TeacherLogits
 
     run = smoke_run
     assert json.loads((run / "search" / "summary.json").read_text())["test_reads"] == []
@@ -125,8 +128,8 @@ def test_selection_never_reads_the_test_split(smoke_run):
 
 
 def test_baselines_train_without_kd_and_with_a_frozen_encoder(smoke_run):
-    from kdray.budget import head_cost
     from kdray.config import load_config
+    from kdray.train.budget import head_cost
 
     run = smoke_run
     results = json.loads((run / "results.json").read_text())
@@ -155,10 +158,10 @@ def test_baselines_train_without_kd_and_with_a_frozen_encoder(smoke_run):
 
 
 def test_rerunning_the_final_stage_alone(smoke_run, tmp_path):
-    from kdray.cli import main
-
     import pyarrow as pa
     import pyarrow.parquet as pq
+
+    from kdray.cli.main import main
 
     run = tmp_path / "smoke"
     shutil.copytree(smoke_run, run, ignore=shutil.ignore_patterns("wandb"))
@@ -190,17 +193,18 @@ def test_a_final_stage_whose_students_start_from_the_teacher(smoke_run, tmp_path
     """`student.init: teacher`: every run starts from the fine-tuned teacher, and the final stage
     rebuilds each one from the same weights before loading its checkpoint (a checkpoint holds the
     trained weights only): the saved student scores on validation what its run measured there."""
-    from transformers import AutoModelForSequenceClassification
-
-    from kdray.config import load_config
-    from kdray.data import load_data, tokenize
-    from kdray.cli import main
-    from kdray.loop import Split, predict_logits
-    from kdray.models import from_pretrained_dir, load_tokenizer
-    from kdray.teacher import prepare_teacher
-
     import pyarrow as pa
     import pyarrow.parquet as pq
+    from transformers import AutoModelForSequenceClassification
+
+    from kdray.cli.main import main
+    from kdray.config import load_config
+    from kdray.data.load import load_data
+    from kdray.data.tokenize import tokenize
+    from kdray.stages.teacher import prepare_teacher
+    from kdray.train.batches import Split
+    from kdray.train.loop import predict_logits
+    from kdray.train.models import from_pretrained_dir, load_tokenizer
 
     run = tmp_path / "smoke"
     shutil.copytree(smoke_run, run, ignore=shutil.ignore_patterns("wandb"))
@@ -250,24 +254,24 @@ def test_error_analysis_buckets_by_hand():
 
 def test_predict_cli_prints_labels_and_refuses_what_is_not_a_classifier(smoke_run, tmp_path):
     student = smoke_run / "final" / "student"
-    r = cli("kdray.predict", "--model", str(student), "a gripping film", "a dull mess")
+    r = cli("predict", "--model", str(student), "a gripping film", "a dull mess")
     assert r.returncode == 0, r.stderr
     lines = r.stdout.strip().splitlines()
     assert len(lines) == 2 and all(line.split("\t")[0] in ("negative", "positive") for line in lines), r.stdout
-    r = cli("kdray.predict", "--model", str(student), input="one\n\ntwo\n")
+    r = cli("predict", "--model", str(student), input="one\n\ntwo\n")
     assert r.returncode == 0 and len(r.stdout.strip().splitlines()) == 2, r.stdout + r.stderr
 
     for bad, says in ((smoke_run / "final" / "adapter", "PEFT adapter"), (tmp_path, "no config.json"),
                       (tmp_path / "missing", "no such directory")):
-        r = cli("kdray.predict", "--model", str(bad), "text")
+        r = cli("predict", "--model", str(bad), "text")
         assert r.returncode == 2 and says in r.stderr and "Traceback" not in r.stderr, r.stderr
     (tmp_path / "config.json").write_text(json.dumps({"architectures": ["BertForMaskedLM"]}))
-    r = cli("kdray.predict", "--model", str(tmp_path), "text")
+    r = cli("predict", "--model", str(tmp_path), "text")
     assert r.returncode == 2 and "not a text classifier" in r.stderr, r.stderr
 
 
 def test_final_cli_refuses_a_directory_without_a_search(tmp_path):
-    r = cli("kdray.final", "--run", str(tmp_path))
+    r = cli("final", "--run", str(tmp_path))
     assert r.returncode == 2 and "not a finished search" in r.stderr and "Traceback" not in r.stderr, r.stderr
 
 
@@ -275,8 +279,8 @@ def test_truncation_stats_count_the_texts_max_length_cuts():
     from datasets import Dataset
 
     from kdray.config import ModelConfig
-    from kdray.final import truncation_stats
-    from kdray.models import load_tokenizer
+    from kdray.evaluate.scores import truncation_stats
+    from kdray.train.models import load_tokenizer
 
     tok = load_tokenizer(ModelConfig(name="embedded:minilm-l6"))
     texts = ["good", "a fine film", " ".join(["word"] * 30), " ".join(["word"] * 50)]  # 3, 5, 32, 52 tokens
@@ -290,7 +294,7 @@ def test_report_cli_rebuilds_and_exports_the_report(smoke_run, tmp_path):
     shutil.copytree(smoke_run / "final", run / "final", ignore=shutil.ignore_patterns("student", "adapter"))
     for p in [run / "report.md", run / "results.json", *(run / "plots").iterdir()]:
         p.unlink()
-    r = cli("kdray.report", "--run", str(run), "--wandb", "disabled", "--export", str(tmp_path / "example"))
+    r = cli("report", "--run", str(run), "--wandb", "disabled", "--export", str(tmp_path / "example"))
     assert r.returncode == 0, r.stderr
     example = tmp_path / "example"
     assert (example / "report.md").read_text() == (run / "report.md").read_text()
@@ -304,7 +308,7 @@ def test_report_cli_rebuilds_and_exports_the_report(smoke_run, tmp_path):
 
 
 def test_claims_hold_or_not_from_the_numbers():
-    from kdray.report import claims
+    from kdray.report.results import claims
 
     def compare(drop, speedup, kd, lora, std=0.5, seeds=3):
         pair = lambda d: {"test_accuracy_diff_pt": d, "student_std_pt": std, "baseline_std_pt": std, "seeds": seeds}

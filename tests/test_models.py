@@ -7,7 +7,7 @@ import torch
 
 from kdray.config import LoraChoice, ModelConfig, StudentConfig
 from kdray.errors import UserError
-from kdray.models import build_model, build_student, encoder_layers, head_modules, resolve_target_modules
+from kdray.train.models import build_model, build_student, encoder_layers, head_modules, resolve_target_modules
 from tests.conftest import TINY_CONFIGS
 
 
@@ -28,8 +28,8 @@ def test_keep_layers_copies_the_chosen_pretrained_layers():
 def test_a_student_started_from_the_teacher_keeps_its_layers_and_head():
     """`student.init: teacher`: the kept layers, embeddings, pooler and classifier are the fine-tuned
     teacher's; the LoRA student built on them counts what the budget counts (the meta build)."""
-    from kdray.budget import count
-    from kdray.models import to_payload
+    from kdray.train.budget import count
+    from kdray.train.models import to_payload
 
     tiny = {**TINY_CONFIGS["bert"], "num_hidden_layers": 3}
     teacher = build_model(ModelConfig(config=tiny, tokenizer="embedded:minilm-l6"), 2, seed=7)
@@ -57,7 +57,7 @@ def test_a_student_started_from_the_teacher_keeps_its_layers_and_head():
 
 
 def test_embedded_student_budget_matches_the_real_model():
-    from kdray.budget import count
+    from kdray.train.budget import count
 
     spec = StudentConfig(name="embedded:minilm-l6", keep_layers=[0, 2, 4], lora=LoraChoice(r=8, target_modules=["q", "v"]))
     real = build_student(spec, 2)

@@ -14,11 +14,12 @@ import pytest
 import torch
 
 from kdray.config import ResourcesConfig, load_config
-from kdray.devices import DeviceError
 from kdray.errors import UserError
-from kdray.resources import (ClusterView, NodeKind, check_placements, hold_local_gpus, launcher_node_types, plan_role,
-                             plan_run, spread_students)
+from kdray.runtime.devices import DeviceError
+from kdray.runtime.resources import (ClusterView, NodeKind, check_placements, hold_local_gpus, launcher_node_types,
+                                     plan_role, plan_run, spread_students)
 from tests.conftest import ROOT, TINY_CONFIGS
+
 
 CPU_HEAD = NodeKind("head", 8, 0)
 
@@ -99,9 +100,11 @@ def test_the_memory_probe_counts_every_part_of_a_trial():
     """On the CPU the probe counts what CUDA would measure: the whole student's weights, the
     resident splits and logits, AdamW's state and gradients, and a step's activations. Each part
     is what its tensors hold."""
-    from kdray.loop import DeviceSplit, DistillData, DistillJob, Split, TeacherLogits
-    from kdray.memory import measure
-    from kdray.models import build_student
+    from kdray.evaluate.memory import measure
+    from kdray.train.batches import DeviceSplit, Split
+    from kdray.train.logits import TeacherLogits
+    from kdray.train.loop import DistillData, DistillJob
+    from kdray.train.models import build_student
 
     cfg = load_config("smoke")
     rng = torch.Generator().manual_seed(0)
@@ -127,8 +130,9 @@ def test_the_memory_probe_counts_every_part_of_a_trial():
 def test_the_probe_runs_on_a_model_with_a_small_vocabulary():
     """The probe runs the trial's own rows, not made-up token ids (ids 1000-1999 crashed a
     student whose vocabulary is under 2,000)."""
-    from kdray.loop import DistillData, DistillJob, Split
-    from kdray.memory import measure
+    from kdray.evaluate.memory import measure
+    from kdray.train.batches import Split
+    from kdray.train.loop import DistillData, DistillJob
 
     cfg = load_config("smoke")
     student = dataclasses.replace(cfg.student, config=TINY_CONFIGS["roberta"])  # 1,000 tokens
@@ -142,7 +146,7 @@ def test_a_second_local_run_cannot_take_the_gpus_the_first_holds(tmp_path):
     holder = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""
         import sys, time
         from pathlib import Path
-        from kdray.resources import hold_local_gpus
+        from kdray.runtime.resources import hold_local_gpus
         lock = hold_local_gpus(Path({str(tmp_path)!r}), 2)
         print("held", flush=True)
         time.sleep(60)
@@ -172,7 +176,7 @@ def test_auto_precision_takes_bf16_only_where_the_gpu_computes_it(monkeypatch):
 
 
 def test_torchrun_variables_are_dropped_from_a_trial_process(monkeypatch):
-    from kdray.devices import forget_torchrun_env
+    from kdray.runtime.devices import forget_torchrun_env
 
     for k, v in {"RANK": "0", "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "PATH": os.environ["PATH"]}.items():
         monkeypatch.setenv(k, v)

@@ -16,10 +16,11 @@ import yaml
 
 from kdray import metrics as M
 from kdray.config import load_config
-from kdray.study import BudgetedSpace
+from kdray.stages.searcher import BudgetedSpace
 from kdray.trials import REJECTED_ATTR, TrialConfig
 from tests.conftest import ROOT
 from tests.wandb_log import run_config
+
 
 SEARCHED = ["alpha", "temperature", "learning_rate", "lora_r", "lora_alpha", "lora_dropout", "target_modules", "epochs"]
 
@@ -90,7 +91,7 @@ def test_smoke_search_with_concurrency_two_on_two_cpus(ray_cluster, smoke_run):
     by_trial = {row["trial_id"]: row for row in rows}
     for d in runs:
         values = run_config(d)
-        for knob in SEARCHED + [M.TRAINABLE_PARAMS, "layer_0", "layer_1"]:
+        for knob in SEARCHED + [M.TRAINABLE_PARAMS, "layers"]:  # the trial's TrialConfig, as a trials.parquet row
             assert knob in values, (d, knob)
         row = by_trial[d.name.rsplit("-", 1)[1]]  # offline-run-<time>-<trial id>
         assert values[M.TRAINABLE_PARAMS] == row[M.TRAINABLE_PARAMS] and values["alpha"] == row["alpha"]
@@ -164,7 +165,7 @@ def test_rejected_samples_do_not_use_up_tpes_random_start_up():
     import optuna
     from optuna.distributions import CategoricalDistribution, FloatDistribution
 
-    from kdray.study import TrainedStartupTPESampler
+    from kdray.stages.searcher import TrainedStartupTPESampler
     from kdray.trials import REJECTED_ATTR
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)

@@ -10,8 +10,9 @@ import pytest
 from kdray import metrics as M
 from kdray.config import load_config
 from kdray.errors import UserError
-from kdray.study import BudgetedOptunaSearch, BudgetedSpace
+from kdray.stages.searcher import BudgetedOptunaSearch, BudgetedSpace
 from kdray.trials import REJECTED_ATTR, REJECTED_WHY_ATTR, SHAPE_PARAM, TrialConfig
+
 
 SHAPES = ["space.keep_layers=[[0],[0,1]]", "space.layers=all", "final.latency_runs=5", "final.warmup_runs=1"]
 
@@ -47,7 +48,7 @@ def test_a_sampled_shape_trains_that_shape_and_survives_every_conversion():
         study.tell(trial, 0.5)
     assert seen == {"0", "0,1"}
     one, two = (TrialConfig.from_params({**trial.params, SHAPE_PARAM: s}) for s in ("0", "0,1"))
-    from kdray.budget import count
+    from kdray.train.budget import count
 
     # The count follows the shape: one layer has half the LoRA parameters of two.
     assert count(one.student(cfg.student), 2) < count(two.student(cfg.student), 2)
@@ -72,9 +73,9 @@ def test_latency_budget_rejects_a_too_slow_shape_before_it_trains_and_optuna_is_
     assert all(t.state == optuna.trial.TrialState.RUNNING for t in trials if t.params[SHAPE_PARAM] == "0")
 
 
-def test_measure_times_each_shape_caches_it_and_refuses_a_budget_no_shape_meets():
-    from kdray.data import load_data
-    from kdray.shapes import measure
+def test_measure_times_each_shape_caches_it_and_refuses_a_budget_no_shape_meets(ray_cluster):
+    from kdray.data.load import load_data
+    from kdray.stages.shapes import measure
 
     cfg = load_config("smoke", SHAPES)
     task = load_data(cfg.data)
@@ -106,8 +107,8 @@ def test_a_shape_search_under_a_latency_budget_never_trains_the_slow_shape(ray_c
 
     import pyarrow.parquet as pq
 
-    from kdray.data import load_data
-    from kdray.shapes import measure
+    from kdray.data.load import load_data
+    from kdray.stages.shapes import measure
     from tests.conftest import ROOT
 
     cfg = load_config("smoke", SHAPES)

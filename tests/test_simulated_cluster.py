@@ -4,7 +4,7 @@ Three and more `ray start` nodes form one cluster: a CPU-only head like `launch/
 GPU workers whose GPUs are *logical* (`--num-gpus` on a machine with none). Ray schedules and
 assigns them exactly as real GPUs (`CUDA_VISIBLE_DEVICES`, `ray.get_gpu_ids()`); the processes
 compute on the CPU only because `KDRAY_SIMULATE_GPUS` is set in this cluster's environment, the
-one seam `kdray.devices` offers (refused where torch can use CUDA). The tests read what Ray and
+one seam `kdray.runtime.devices` offers (refused where torch can use CUDA). The tests read what Ray and
 kdray decided, never how fast anything ran: which node and GPU id each trial, rank and measuring
 task got, that no zero-GPU process saw a GPU, that students spread over the GPUs, that a
 placement no node can hold exits 2 before Tune, and that a GPU node lost mid-search costs retries
@@ -14,7 +14,6 @@ from checkpoints, not results. Marked `cluster` (run before the session's own cl
 from __future__ import annotations
 
 import json
-import os
 import re
 import threading
 import time
@@ -24,6 +23,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from tests.ray_nodes import LocalNodes
+
 
 #: Small data and a one-epoch teacher: every run below shares one cached teacher per device plan.
 BASE = ["--space", "smoke", "--wandb", "disabled", "--set", "data.max_train_samples=512",

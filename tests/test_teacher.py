@@ -6,9 +6,9 @@ import pyarrow.parquet as pq
 
 from kdray import metrics as M
 from kdray.config import load_config
-from kdray.data import load_data
-from kdray.loop import TeacherLogits
-from kdray.teacher import prepare_teacher
+from kdray.data.load import load_data
+from kdray.stages.teacher import prepare_teacher
+from kdray.train.logits import TeacherLogits
 
 
 def test_teacher_is_cached_and_invalidated_by_data_or_teacher_changes(ray_cluster, tmp_path):
@@ -46,7 +46,7 @@ def test_lora_teacher_is_saved_merged_and_reloads_with_the_same_logits(tmp_path)
     """Seed 004's LoRA teacher: the stage merges the adapters before saving a plain HF model."""
     import torch
 
-    from kdray.models import build_student, from_pretrained_dir
+    from kdray.train.models import build_student, from_pretrained_dir
 
     cfg = load_config("smoke", ["teacher.mode=lora", "teacher.lora.r=4"])
     teacher = build_student(cfg.teacher, 2, seed=1).eval()
@@ -66,8 +66,8 @@ def test_lora_teacher_is_saved_merged_and_reloads_with_the_same_logits(tmp_path)
 
 
 def test_a_teacher_on_all_training_data_also_trains_on_the_rows_the_students_never_see(ray_cluster, tmp_path):
-    from kdray.models import load_tokenizer
-    from kdray.teacher import teacher_fingerprint
+    from kdray.stages.teacher import teacher_fingerprint
+    from kdray.train.models import load_tokenizer
 
     # fp32: the file's logits below must equal the teacher's own to 1e-4, and under bf16 a row's
     # logits move by bf16's rounding (~1e-2) with the padding width of the batch it falls in.

@@ -8,6 +8,7 @@ from kdray import metrics as M
 from kdray.config import LoraChoice, load_config
 from kdray.trials import TrialConfig
 
+
 PARAMS = {"alpha": 0.25, "temperature": 3.5, "learning_rate": 1e-3, "lora_r": 16, "lora_alpha": 32.0,
           "lora_dropout": 0.05, "target_modules": "q,v,ffn_in", "epochs": 2,
           "layer_0": True, "layer_1": False, "layer_2": True}
@@ -15,7 +16,7 @@ PARAMS = {"alpha": 0.25, "temperature": 3.5, "learning_rate": 1e-3, "lora_r": 16
 
 def test_optuna_params_decode_without_knowing_the_layer_count():
     c = TrialConfig.from_params(PARAMS, trainable_params=1234)
-    assert c.lora == LoraChoice(r=16, alpha=32.0, dropout=0.05, target_modules=["q", "v", "ffn_in"], layers=[0, 2])
+    assert c.lora == LoraChoice(r=16, lora_alpha=32.0, lora_dropout=0.05, target_modules=["q", "v", "ffn_in"], layers=[0, 2])
     assert (c.alpha, c.temperature, c.learning_rate, c.epochs, c.trainable_params) == (0.25, 3.5, 1e-3, 2, 1234)
     # No layer flags: the space puts LoRA on every layer.
     flat = {k: v for k, v in PARAMS.items() if not k.startswith("layer_")}
@@ -35,7 +36,7 @@ def test_rows_yaml_and_tune_round_trip():
 
 
 def test_job_applies_the_knobs_to_the_template():
-    from kdray.loop import DistillJob
+    from kdray.train.loop import DistillJob
 
     cfg = load_config("smoke")
     template = DistillJob(cfg.student, cfg.train, ["neg", "pos"], 0, seed=7)

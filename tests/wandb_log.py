@@ -11,6 +11,7 @@ import json
 import struct
 from pathlib import Path
 
+
 BLOCK, HEADER, FILE_HEADER = 32768, 7, 7
 FULL, FIRST, MIDDLE, LAST = 1, 2, 3, 4
 
