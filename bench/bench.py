@@ -44,9 +44,13 @@ RESULTS_DIR = ROOT / "bench" / "results"
 def _environment(device: torch.device) -> dict:
     from kdray.machine import device_name, package_version
 
+    import subprocess
+
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout
     return {"device": str(device), "device_name": device_name(device), "cpu_threads": torch.get_num_threads(),
             **{pkg: package_version(pkg) for pkg in ("torch", "transformers", "peft", "ray", "optuna")},
-            "python": platform.python_version(), "timestamp": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+            "python": platform.python_version(), "timestamp": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "commit": commit.strip() or None}
 
 
 # ----------------------------------------------------------------------------- models and data
@@ -413,9 +417,9 @@ def bench_search(args: argparse.Namespace) -> dict:
         timing = trial_timings(work / "kdray" / cfg.name / "search")
     start = min(t["start"] for t in timing)
     kd = {"wall_s": seconds, "logits_s": teacher.record["logits_seconds"],
-          "overhead": overhead_stats(timing, cfg.search.concurrency), "gpu": result.gpu,
-          "trial_epochs": sum(r["epochs_run"] for r in result.rows),
-          "best_val_accuracy": max(r["best_val_accuracy"] or 0 for r in result.rows),
+          "overhead": overhead_stats(timing, cfg.search.concurrency), "gpu": result.summary.gpu,
+          "trial_epochs": sum(r.epochs_run for r in result.rows),
+          "best_val_accuracy": max(r.best_val_accuracy or 0 for r in result.rows),
           "curve": _best_so_far([(ts - start + teacher.record["logits_seconds"], acc)
                                  for t in timing for ts, acc in t["curve"]])}
     for side in (peer, kd):
@@ -568,14 +572,18 @@ def print_search(r: dict) -> None:
           f"of trial time; trial slots busy {100 * o['busy_share_of_search_wall']:.1f}% of the search's wall time")
 
 
-# ----------------------------------------------------------------------------- the README table
+# ----------------------------------------------------------------------------- the performance table (docs/performance.md)
 
 TABLE_START, TABLE_END = "<!-- bench-table -->", "<!-- /bench-table -->"
+#: The page whose table `python bench/bench.py table` writes.
+PERFORMANCE_DOC = ROOT / "docs" / "performance.md"
 
 
-def readme_table(results_dir: Path) -> str:
-    """The README's performance table, from the JSON files the bench commands wrote."""
-    rows = ["| what | kdray | the usual way / reference | ratio | command |", "|---|---|---|---|---|"]
+def performance_table(results_dir: Path) -> str:
+    """docs/performance.md's table, from the JSON files the bench commands wrote; each row names
+    the date, commit and machine of its measurement."""
+    rows = ["| what | kdray | the usual way / reference | ratio | measured | command |",
+            "|---|---|---|---|---|---|"]
 
     def load(name: str) -> dict | None:
         p = results_dir / f"{name}.json"
@@ -590,36 +598,36 @@ def readme_table(results_dir: Path) -> str:
         rows.append(f"| search, {s['trials']} trials x {s['epochs']} epoch(s), {s['train_examples']:,} RT sentences: "
                     f"trial-epochs per hour | {k['trial_epochs_per_hour']:.1f} ({k['wall_s']:.0f} s) | "
                     f"{p['trial_epochs_per_hour']:.1f} ({p['wall_s']:.0f} s; HF Trainer + Optuna, online teacher) | "
-                    f"**{r['trial_epochs_per_hour_ratio']:.2f}x** | `{cmd}` |")
+                    f"**{r['trial_epochs_per_hour_ratio']:.2f}x** | {_when(r)} | `{cmd}` |")
         rows.append(f"| same search: best validation accuracy | {k['best_val_accuracy']:.4f} | {p['best_val_accuracy']:.4f} "
-                    f"| {r['best_val_accuracy_diff_pt']:+.1f} pt | `{cmd}` |")
+                    f"| {r['best_val_accuracy_diff_pt']:+.1f} pt | {_when(r)} | `{cmd}` |")
     r = load("step-cpu")
     if r is not None:
         rows.append(f"| KD training step, samples/s ({r['settings']['models'].split(':')[0]}, batch "
                     f"{r['settings']['batch_size']}) | {r['cached_samples_per_s']:.1f} (cached teacher logits) | "
                     f"{r['online_samples_per_s']:.1f} (teacher forward per batch) | "
-                    f"**{r['speedup_cached_vs_online']:.2f}x** | `python bench/bench.py step` |")
+                    f"**{r['speedup_cached_vs_online']:.2f}x** | {_when(r)} | `python bench/bench.py step` |")
         rows.append(f"| padding efficiency, real / padded tokens (batch {r['settings']['batch_size']}) | "
                     f"{r['padding_efficiency_grouped']:.3f} (length-grouped) | {r['padding_efficiency_ungrouped']:.3f} "
                     f"(random batches) | **{r['padding_efficiency_grouped'] / r['padding_efficiency_ungrouped']:.2f}x** "
-                    f"| `python bench/bench.py step` |")
+                    f"| {_when(r)} | `python bench/bench.py step` |")
     r = load("infer-cpu")
     if r is not None:
         m = r["models"]
         rows.append(f"| latency p50 at batch 1, ms: student (merged) vs teacher | {m['student']['latency_ms_p50']:.2f} | "
                     f"{m['teacher']['latency_ms_p50']:.2f} | **{r['speedup_student_vs_teacher_p50']:.2f}x** | "
-                    f"`python bench/bench.py infer` |")
+                    f"{_when(r)} | `python bench/bench.py infer` |")
         rows.append(f"| latency p50, ms: merged LoRA vs a plain model of the same shape | "
                     f"{m['student']['latency_ms_p50']:.2f} | {m['plain']['latency_ms_p50']:.2f} | "
-                    f"{r['merged_vs_plain_p50']:.3f} | `python bench/bench.py infer` |")
+                    f"{r['merged_vs_plain_p50']:.3f} | {_when(r)} | `python bench/bench.py infer` |")
         rows.append(f"| latency p50, ms: merged vs unmerged LoRA (unmerged / merged) | "
                     f"{m['student']['latency_ms_p50']:.2f} | {m['student_unmerged']['latency_ms_p50']:.2f} | "
-                    f"{r['unmerged_vs_merged_p50']:.3f} | `python bench/bench.py infer` |")
+                    f"{r['unmerged_vs_merged_p50']:.3f} | {_when(r)} | `python bench/bench.py infer` |")
         if "student_int8" in m:
             rows.append(f"| latency p50, ms: int8 dynamic quantisation vs fp32 merged student | "
                         f"{m['student_int8']['latency_ms_p50']:.2f} | {m['student']['latency_ms_p50']:.2f} | "
                         f"{r['int8_vs_merged_p50']:.3f} ({100 * r['int8_prediction_agreement']:.1f}% same "
-                        f"predictions) | `python bench/bench.py infer` |")
+                        f"predictions) | {_when(r)} | `python bench/bench.py infer` |")
     for name in ("search-cpu", "search-quick-cpu"):
         r = load(name)
         if r is None:
@@ -628,19 +636,25 @@ def readme_table(results_dir: Path) -> str:
         cmd = "python bench/bench.py search" + (" --quick" if s["quick"] else "")
         rows.append(f"| kdray per-trial fixed cost (trial wall - training loop), {s['trials']} x {s['epochs']} search | "
                     f"{o['fixed_cost_s_mean']:.1f} s = {100 * o['fixed_share_of_trial_time']:.1f}% of trial time | "
-                    f"target <= 3 s | | `{cmd}` |")
+                    f"target <= 3 s | | {_when(r)} | `{cmd}` |")
         rows.append(f"| kdray trial slots busy in the training loop, same search | "
-                    f"{100 * o['busy_share_of_search_wall']:.1f}% of wall time | target >= 85% | | `{cmd}` |")
+                    f"{100 * o['busy_share_of_search_wall']:.1f}% of wall time | target >= 85% | | {_when(r)} | `{cmd}` |")
     return "\n".join(rows)
 
 
-def write_readme_table(readme: Path, results_dir: Path) -> bool:
-    """Put the table between the README's markers; True when it changed."""
-    text = readme.read_text()
+def _when(r: dict) -> str:
+    """A measurement's date, commit and machine, from its JSON's environment."""
+    e = r.get("environment", {})
+    return f"{str(e.get('timestamp', '?'))[:10]}, {e.get('commit', '?')}, {e.get('device_name', '?')}"
+
+
+def write_table(doc: Path, results_dir: Path) -> bool:
+    """Put the table between the markers of docs/performance.md; True when it changed."""
+    text = doc.read_text()
     head, rest = text.split(TABLE_START, 1)
     _, tail = rest.split(TABLE_END, 1)
-    new = f"{head}{TABLE_START}\n{readme_table(results_dir)}\n{TABLE_END}{tail}"
-    readme.write_text(new)
+    new = f"{head}{TABLE_START}\n{performance_table(results_dir)}\n{TABLE_END}{tail}"
+    doc.write_text(new)
     return new != text
 
 
@@ -692,11 +706,11 @@ def main(argv: list[str] | None = None) -> int:
     se.add_argument("--trials", type=int, default=8, help="trials per system (default 8)")
     se.add_argument("--epochs", type=int, default=2, help="epochs per trial (default 2)")
     se.add_argument("--budget", type=float, default=None, help="trainable-parameter budget (default: the space's)")
-    sub.add_parser("readme", help="rewrite the README's performance table from bench/results/*.json")
+    sub.add_parser("table", help="rewrite docs/performance.md's table from bench/results/*.json")
     args = ap.parse_args(argv)
-    if args.which == "readme":
-        changed = write_readme_table(Path("README.md"), Path(args.output_dir))
-        print(f"README.md performance table {'updated' if changed else 'already up to date'} from {args.output_dir}")
+    if args.which == "table":
+        changed = write_table(PERFORMANCE_DOC, Path(args.output_dir))
+        print(f"docs/performance.md: the table {'updated' if changed else 'already up to date'} from {args.output_dir}")
         return 0
     run, show = {"step": (bench_step, print_step), "infer": (bench_infer, print_infer),
                  "overhead": (bench_overhead, print_overhead), "search": (bench_search, print_search),

@@ -159,6 +159,9 @@ class TrialRow:
     """One of `STATUSES`."""
     val_accuracy_per_epoch: list[float] = field(default_factory=list)
     val_f1_macro_per_epoch: list[float] = field(default_factory=list)
+    train_loss_per_epoch: list[float] = field(default_factory=list)
+    """The training loss of each epoch: what shows two runs trained alike, which a tiny model's
+    chance-level validation accuracy cannot."""
     epochs_run: int = 0
     reported_trainable_params: int = -1
     """What the trial's own model counted (it must equal `config.trainable_params`)."""
@@ -180,7 +183,8 @@ class TrialRow:
         return {"trial_id": self.trial_id, **self.config.to_row(), M.LATENCY_MS: self.latency_ms,
                 "reported_trainable_params": self.reported_trainable_params, "within_budget": self.within_budget,
                 "val_accuracy_per_epoch": self.val_accuracy_per_epoch,
-                "val_f1_macro_per_epoch": self.val_f1_macro_per_epoch, "best_val_accuracy": self.best_val_accuracy,
+                "val_f1_macro_per_epoch": self.val_f1_macro_per_epoch,
+                "train_loss_per_epoch": self.train_loss_per_epoch, "best_val_accuracy": self.best_val_accuracy,
                 "epochs_run": self.epochs_run, "status": self.status, "wall_time_s": self.wall_time_s,
                 "node": self.node, "placement": None if self.placement is None else json.dumps(self.placement),
                 "gpu_busy_pct": self.gpu_busy_pct, "checkpoint_path": self.checkpoint_path}
@@ -191,7 +195,8 @@ class TrialRow:
             raise ValueError(f"trial {r['trial_id']}: unknown status {r['status']!r}")
         return cls(trial_id=r["trial_id"], config=TrialConfig.from_row(r), status=r["status"],
                    val_accuracy_per_epoch=list(r["val_accuracy_per_epoch"] or []),
-                   val_f1_macro_per_epoch=list(r["val_f1_macro_per_epoch"] or []), epochs_run=int(r["epochs_run"]),
+                   val_f1_macro_per_epoch=list(r["val_f1_macro_per_epoch"] or []),
+                   train_loss_per_epoch=list(r.get("train_loss_per_epoch") or []), epochs_run=int(r["epochs_run"]),
                    reported_trainable_params=int(r["reported_trainable_params"]),
                    within_budget=bool(r["within_budget"]), latency_ms=r.get(M.LATENCY_MS),
                    wall_time_s=float(r["wall_time_s"]), node=r.get("node"),

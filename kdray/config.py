@@ -156,6 +156,10 @@ class ModelConfig:
         return p
 
 
+#: LoRA's variants, as PEFT's `LoraConfig` switches them on.
+LORA_VARIANTS = ("lora", "rslora", "dora")
+
+
 @dataclass
 class LoraChoice:
     r: int = 8
@@ -170,9 +174,16 @@ class LoraChoice:
     (e.g. `attention.self.query`)."""
     layers: list[int] | None = None
     """Encoder layers (0-based, of the student) that get LoRA; unset means all."""
+    variant: str = "lora"
+    """`lora`; `rslora` (PEFT's `use_rslora`: the update scaled by lora_alpha / sqrt(r), which keeps
+    high ranks learning); `dora` (PEFT's `use_dora`: each adapted weight split into a trained
+    magnitude and a LoRA-updated direction, one more trainable vector per module, counted in
+    the budget)."""
 
     def check(self, at: str) -> list[str]:
         p = []
+        if self.variant not in LORA_VARIANTS:
+            p.append(f"{at}.variant: {self.variant!r} is unknown. Fix: one of {', '.join(LORA_VARIANTS)}.")
         if self.r < 1:
             p.append(f"{at}.r: rank {self.r} must be at least 1. Fix: e.g. {at}.r: 8.")
         if not 0 <= self.lora_dropout < 1:
@@ -349,6 +360,8 @@ class SpaceConfig:
     """LoRA dropout range."""
     target_modules: list[list[str]] = field(default_factory=lambda: [["q", "v"], ["q", "k", "v", "o"]])
     """Target-module sets to choose from (aliases q, k, v, o, ffn_in, ffn_out)."""
+    lora_variant: list[str] = field(default_factory=lambda: ["lora"])
+    """LoRA variants to choose from (`student.lora.variant`): lora, rslora, dora."""
     layers: str = "subset"
     """`subset`: each student layer is in or out of LoRA (a subset, not only a count);
     `all`: every layer gets LoRA."""
@@ -373,7 +386,7 @@ class SpaceConfig:
             p.append(f"{at}.temperature: {self.temperature} must be above 0. Fix: e.g. [1, 8].")
         if len(self.learning_rate) == 2 and self.learning_rate[0] <= 0:
             p.append(f"{at}.learning_rate: {self.learning_rate} must be above 0. Fix: e.g. [1e-4, 3e-3].")
-        for attr in ("lora_r", "lora_alpha", "target_modules", "epochs"):
+        for attr in ("lora_r", "lora_alpha", "target_modules", "lora_variant", "epochs"):
             if not getattr(self, attr):
                 p.append(f"{at}.{attr}: no choice. Fix: list at least one, e.g. {at}.{attr}: "
                          f"{getattr(SpaceConfig(), attr)}.")
@@ -385,6 +398,9 @@ class SpaceConfig:
             p.append(f"{at}.target_modules: every choice needs at least one module. Fix: e.g. [[q, v]].")
         if self.layers not in ("subset", "all"):
             p.append(f"{at}.layers: {self.layers!r} is unknown. Fix: subset or all.")
+        unknown = [v for v in self.lora_variant if v not in LORA_VARIANTS]
+        if unknown:
+            p.append(f"{at}.lora_variant: {unknown} unknown. Fix: choose from {list(LORA_VARIANTS)}.")
         return p + self._check_shapes(at)
 
     def _check_shapes(self, at: str) -> list[str]:
@@ -612,7 +628,8 @@ def read_space(path: Path, seen: tuple[Path, ...] = ()) -> dict:
     except (yaml.YAMLError, UnicodeDecodeError) as e:
         raise UserError(f"not valid YAML: {e}. Fix: correct the file's syntax.", where=str(path)) from None
     if not isinstance(raw, dict):
-        raise UserError("the top level must be a mapping of sections (data, teacher, student, ...).",
+        raise UserError("the top level must be a mapping of sections (data, teacher, student, ...). Fix: start "
+                        "each section at column 0 as `section:` with its fields indented under it.",
                         where=str(path))
     base = raw.pop("base", None)
     if base is None:
@@ -680,7 +697,7 @@ def apply_override(raw: dict, item: str, problems: list[str]) -> str | None:
     field it set (`a.b.c`), or None when `item` is malformed (a problem is added)."""
     key, sep, value = item.partition("=")
     if not sep or not key.strip():
-        problems.append(f"--set {item!r}: expected key=value, e.g. --set data.max_length=64.")
+        problems.append(f"--set {item!r}: expected key=value. Fix: e.g. --set data.max_length=64.")
         return None
     parts = key.strip().split(".")
     node = raw
@@ -689,7 +706,8 @@ def apply_override(raw: dict, item: str, problems: list[str]) -> str | None:
         if child is None:
             child = node[part] = {}
         if not isinstance(child, dict):
-            problems.append(f"--set {item!r}: {part} is not a section.")
+            problems.append(f"--set {item!r}: {part} is not a section. Fix: set `{part}=value` itself, or name "
+                            f"a field of a section (`kdray search --help` lists them).")
             return None
         node = child
     try:
@@ -751,7 +769,8 @@ def _build(cls: type, raw: Any, prefix: str, problems: list[str]) -> Any:
     if raw is None:
         raw = {}
     if not isinstance(raw, dict):
-        problems.append(f"{where}: expected a mapping, got {raw!r}.")
+        problems.append(f"{where}: expected a mapping, got {raw!r}. Fix: write its fields as `field: value` "
+                        f"lines indented under `{where}:`.")
         return cls()
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls) if f.name != "source_file"}
@@ -759,8 +778,9 @@ def _build(cls: type, raw: Any, prefix: str, problems: list[str]) -> Any:
     for key, value in raw.items():
         if key not in fields:
             close = difflib.get_close_matches(str(key), fields, n=1)
-            hint = f" Did you mean {close[0]!r}?" if close else f" Known: {', '.join(fields)}."
-            problems.append(f"{prefix}{key}: unknown field.{hint}")
+            hint = f"Did you mean {close[0]!r}? Fix: rename it to {close[0]!r}" if close else \
+                f"Fix: use one of: {', '.join(fields)}"
+            problems.append(f"{prefix}{key}: unknown field. {hint}.")
             continue
         tp = hints[key]
         nested = _dataclass_of(tp)
@@ -769,8 +789,7 @@ def _build(cls: type, raw: Any, prefix: str, problems: list[str]) -> Any:
             continue
         ok, converted = _coerce(value, tp)
         if not ok:
-            finite = not (isinstance(value, float) and not math.isfinite(value))
-            problems.append(f"{prefix}{key}: {value!r} is not {_type_name(tp) if finite else 'a finite number'}.")
+            problems.append(f"{prefix}{key}: {_type_problem(value, tp)}")
             continue
         kwargs[key] = converted
     obj = cls(**kwargs)
@@ -834,12 +853,27 @@ def _coerce(value: Any, tp: Any) -> tuple[bool, Any]:
     return isinstance(value, tp), value
 
 
+def _type_problem(value: Any, tp: Any) -> str:
+    """Why `value` is not a `tp`, and the fix, with an example of the right form."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return f"{value!r} is not a finite number. Fix: give a finite number, e.g. 1e6."
+    args = [a for a in typing.get_args(tp) if a is not type(None)] or [tp]
+    kind = args[0] if typing.get_origin(tp) in (Union, types.UnionType) and len(args) == 1 else tp
+    if typing.get_origin(kind) is list:
+        item_ok, _ = _coerce(value, typing.get_args(kind)[0])
+        example = f"[{value}]" if item_ok else "[8, 16]"
+        return f"{value!r} is not {_type_name(tp)}. Fix: write a list, e.g. {example}."
+    example = {int: "64", float: "0.5", str: "'text' (quoted)", bool: "true"}.get(kind, "a value of that type")
+    return f"{value!r} is not {_type_name(tp)}. Fix: e.g. {example}."
+
+
 def _type_name(tp: Any) -> str:
     origin = typing.get_origin(tp)
     if origin in (Union, types.UnionType):
         return " or ".join(_type_name(a) for a in typing.get_args(tp))
     if origin is list:
-        return f"a list of {_type_name(typing.get_args(tp)[0])}"
+        item = typing.get_args(tp)[0]
+        return "a list of " + {int: "integers", float: "numbers", str: "strings"}.get(item, _type_name(item))
     if tp is type(None):
         return "null"
     return {int: "an integer", float: "a number", str: "a string", bool: "true/false"}.get(tp, str(tp))

@@ -21,8 +21,6 @@ from kdray.config import LoraChoice, TrainableModelConfig
 REJECTED_ATTR = "kdray_rejected"
 #: Why it was rejected: `budget` (over the parameter budget, or no layer) or `latency` (a too-slow shape).
 REJECTED_WHY_ATTR = "kdray_rejected_why"
-#: Trial statuses in `search/trials.parquet`.
-STATUSES = ("completed", "stopped early", "failed")
 #: The final stage's variants: the search's choice and its two baselines.
 VARIANTS = {
     "student": "distilled LoRA student (the search's best configuration)",
@@ -79,7 +77,8 @@ class TrialConfig:
         layers = sorted(i for i, on in flags.items() if on) if flags else None
         lora = LoraChoice(r=int(params["lora_r"]), lora_alpha=float(params["lora_alpha"]),
                           lora_dropout=float(params["lora_dropout"]),
-                          target_modules=str(params["target_modules"]).split(","), layers=layers)
+                          target_modules=str(params["target_modules"]).split(","), layers=layers,
+                          variant=str(params.get("lora_variant", "lora")))
         return cls(alpha=float(params["alpha"]), temperature=float(params["temperature"]),
                    learning_rate=float(params["learning_rate"]), epochs=int(params["epochs"]), lora=lora,
                    trainable_params=int(trainable_params), keep_layers=shape_of(params.get(SHAPE_PARAM)))
@@ -108,14 +107,15 @@ class TrialConfig:
         return {"alpha": self.alpha, "temperature": self.temperature, "learning_rate": self.learning_rate,
                 "lora_alpha": self.lora.lora_alpha, "lora_dropout": self.lora.lora_dropout, "lora_r": self.lora.r,
                 "target_modules": ",".join(self.lora.target_modules), "layers": self.layers_text,
-                "epochs": self.epochs, M.TRAINABLE_PARAMS: self.trainable_params,
+                "lora_variant": self.lora.variant, "epochs": self.epochs, M.TRAINABLE_PARAMS: self.trainable_params,
                 SHAPE_PARAM: shape_text(self.keep_layers)}
 
     @classmethod
     def from_row(cls, row: dict[str, Any]) -> "TrialConfig":
         layers = None if row["layers"] == "all" else [int(x) for x in row["layers"].split(",")]
         lora = LoraChoice(r=int(row["lora_r"]), lora_alpha=float(row["lora_alpha"]), lora_dropout=float(row["lora_dropout"]),
-                          target_modules=str(row["target_modules"]).split(","), layers=layers)
+                          target_modules=str(row["target_modules"]).split(","), layers=layers,
+                          variant=str(row.get("lora_variant") or "lora"))
         return cls(alpha=float(row["alpha"]), temperature=float(row["temperature"]),
                    learning_rate=float(row["learning_rate"]), epochs=int(row["epochs"]), lora=lora,
                    trainable_params=int(row[M.TRAINABLE_PARAMS]), keep_layers=shape_of(row.get(SHAPE_PARAM)))
@@ -133,7 +133,8 @@ class TrialConfig:
         return cls(alpha=float(t["alpha"]), temperature=float(t["temperature"]),
                    learning_rate=float(t["learning_rate"]), epochs=int(t["epochs"]),
                    lora=LoraChoice(r=int(lora["r"]), lora_alpha=float(lora["lora_alpha"]), lora_dropout=float(lora["lora_dropout"]),
-                                   target_modules=list(lora["target_modules"]), layers=lora["layers"]),
+                                   target_modules=list(lora["target_modules"]), layers=lora["layers"],
+                                   variant=lora.get("variant", "lora")),
                    trainable_params=int(best.get(M.TRAINABLE_PARAMS, 0)), mode=best["student"].get("mode", "lora"),
                    keep_layers=best["student"].get("keep_layers"))
 
@@ -159,8 +160,3 @@ class TrialConfig:
 def shape_note(c: TrialConfig) -> str:
     """` of 0,2,4` after the LoRA layers of a trial whose shape was searched, else nothing."""
     return "" if c.keep_layers is None else f" of {shape_text(c.keep_layers)}"
-
-
-def status_counts(rows: list[dict]) -> dict[str, int]:
-    """Trials per status: completed, stopped early, failed."""
-    return {s: sum(r["status"] == s for r in rows) for s in STATUSES}

@@ -14,6 +14,16 @@ os.environ.setdefault("WANDB_MODE", "offline")
 
 ROOT = Path(__file__).resolve().parents[1]
 
+def cpu_computes_bf16() -> bool:
+    """What the kernel says of this CPU, read apart from kdray's probe (torch's capability query):
+    bf16 in hardware (AVX512-BF16 or AMX) or not. Tests derive `precision: auto` from this."""
+    flags = set()
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("flags"):
+            flags |= set(line.split(":", 1)[1].split())
+    return bool(flags & {"avx512_bf16", "amx_bf16"})
+
+
 TINY = {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2, "intermediate_size": 64}
 TINY_CONFIGS = {
     "bert": {"model_type": "bert", **TINY},
@@ -41,7 +51,10 @@ def ray_cluster():
     ray.shutdown()
 
 
-SMOKE_ARGS = ["search", "--space", "smoke", "--trials", "6", "--wandb", "offline",
+#: The smoke run's budget: under most of the space's choices (r=8 on every module of both layers
+#: costs 6,242), so the sampler meets over-budget samples and must reject them.
+SMOKE_BUDGET = 3000
+SMOKE_ARGS = ["search", "--space", "smoke", "--trials", "6", "--wandb", "offline", "--budget", str(SMOKE_BUDGET),
               "--set", "space.learning_rate=[0.01, 0.3]", "--set", "search.concurrency=2"]
 
 

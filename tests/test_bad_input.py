@@ -66,6 +66,17 @@ CASES = [
          files={"afile": "x"}),
     Case("resume-nothing", [*SEARCH, "--resume"], ["--resume", "no search"]),
     Case("export-no-final", [*SEARCH, "--no-final", "--export", "out"], ["--export", "--no-final"]),
+    Case("name-exists", [*SEARCH, "--name", "smoke", "--output-dir", "runs"], ["--name smoke", "--resume", "--overwrite"],
+         files={"runs/smoke/config.yaml": "name: smoke\n"}),
+    Case("overwrite-with-a-bad-budget", [*SEARCH, "--name", "smoke", "--output-dir", "runs", "--overwrite",
+                                         "--budget", "10"], ["budget", "head"],
+         files={"runs/smoke/config.yaml": "name: smoke\n"}),  # nothing deleted: the run is still there
+    Case("workers-without-gpus", [*SEARCH, "--set", "resources.workers=2", "--set", "resources.device=gpu"],
+         ["resources.device: gpu", "no GPU"]),
+    Case("ddp-fractional-gpu", [*SEARCH, "--set", "resources.workers=2", "--set", "resources.gpus_per_worker=0.5"],
+         ["resources.gpus_per_worker: 0.5", "workers 2", "one GPU per rank"]),
+    Case("workers-bigger-than-the-machine", [*SEARCH, "--set", "resources.workers=4"],
+         ["need 4 worker(s)", "holds"]),
     Case("wandb-online-no-key", [*SEARCH, "--wandb", "online"], ["--wandb online", "WANDB_API_KEY"],
          env={"WANDB_API_KEY": "", "WANDB_MODE": "", "NETRC": "/nonexistent/netrc", "HOME": "home"}),
     Case("address-unreachable", [*SEARCH, "--address", "127.0.0.1:9"], ["--address", "127.0.0.1:9", "reach"]),
@@ -77,6 +88,14 @@ CASES = [
     Case("set-negative-length", [*SEARCH, "--set", "data.max_length=-1"], ["--set data.max_length"]),
     Case("set-bad-lr", [*SEARCH, "--set", "train.learning_rate=-1"], ["--set train.learning_rate"]),
     Case("set-concurrency-zero", [*SEARCH, "--set", "search.concurrency=0"], ["--set search.concurrency"]),
+    Case("set-negative-temperature", [*SEARCH, "--set", "train.temperature=-2"], ["train.temperature", "-2"]),
+    Case("set-reversed-range", [*SEARCH, "--set", "space.learning_rate=[0.3,0.01]"],
+         ["space.learning_rate", "[0.01, 0.3]"]),
+    Case("set-scalar-for-list", [*SEARCH, "--set", "space.lora_r=8"], ["space.lora_r", "[8]"]),
+    Case("set-key-without-value", [*SEARCH, "--set", "space.lora_r"], ["--set", "space.lora_r", "key=value"]),
+    Case("set-unknown-section", [*SEARCH, "--set", "serch.trials=3"], ["serch", "search"]),
+    Case("set-not-a-section", [*SEARCH, "--set", "budget.x=1"], ["budget", "not a section"]),
+    Case("set-bad-yaml-value", [*SEARCH, "--set", "space.lora_r=[8"], ["space.lora_r", "quote"]),
     Case("set-device", [*SEARCH, "--set", "resources.device=tpu"], ["resources.device", "auto"]),
     Case("set-alpha-range", [*SEARCH, "--set", "space.alpha=[0.9,0.1]"], ["space.alpha"]),
     Case("student-init-unknown", [*SEARCH, "--set", "student.init=distilled"],
@@ -90,7 +109,10 @@ CASES = [
     Case("space-module-typo", [*SEARCH, "--set", "space.target_modules=[[q,vv]]"], ["space.target_modules", "vv"]),
     Case("student-full", [*SEARCH, "--set", "student.mode=full"], ["student.mode", "lora"]),
     Case("keep-layers-range", [*SEARCH, "--set", "student.keep_layers=[0,9]"], ["keep_layers", "9"]),
-    Case("yaml-syntax", ["search", "--space", "bad.yaml"], ["bad.yaml", "yaml"], files={"bad.yaml": "data: [1, 2\n"}),
+    Case("yaml-syntax", ["search", "--space", "bad.yaml"], ["bad.yaml", "yaml", "line 2"],
+         files={"bad.yaml": "data: [1, 2\n"}),
+    Case("yaml-bad-indent", ["search", "--space", "bad.yaml"], ["bad.yaml", "yaml"],
+         files={"bad.yaml": "data:\n  source: x\n    max_length: 3\n"}),
     Case("yaml-not-mapping", ["search", "--space", "list.yaml"], ["list.yaml", "mapping"],
          files={"list.yaml": "- a\n- b\n"}),
     Case("yaml-unknown-section", ["search", "--space", "s.yaml", "--budget", "1e6"], ["s.yaml", "dataa"],
@@ -133,6 +155,12 @@ CASES = [
     Case("final-missing-run", ["final", "--run", "nothere"], ["--run", "nothere"]),
     Case("final-malformed-run", ["final", "--run", "junk"], ["--run", "junk", "config.yaml"],
          files={"junk/notes.txt": "x"}),
+    Case("final-damaged-best-config", ["final", "--run", "runs/smoke"], ["best_config.yaml", "damaged", "--resume"],
+         files={"runs/smoke/config.yaml": "base: smoke\n", "runs/smoke/best_config.yaml": "trial_id: [\n"}),
+    Case("final-seeds-zero", ["final", "--run", "runs/smoke", "--seeds", "0"], ["--seeds", "0"],
+         files={"runs/smoke/config.yaml": "base: smoke\n", "runs/smoke/best_config.yaml": "x: 1\n"}),
+    Case("report-damaged-final", ["report", "--run", "runs/smoke"], ["final.json", "damaged", "kdray final --run"],
+         files={"runs/smoke/config.yaml": "base: smoke\n", "runs/smoke/final/final.json": "{\"seeds\": 1"}),
     Case("report-missing-run", ["report", "--run", "nothere"], ["--run", "nothere"]),
     Case("predict-missing-model", ["predict", "--model", "nothere", "hi"], ["--model", "nothere"]),
 ]
@@ -174,6 +202,7 @@ def test_bad_input_exits_2_with_a_clear_message_and_writes_nothing(case: Case, t
     assert "Traceback" not in message, message[-3000:]
     for word in case.words:
         assert word.lower() in message.lower(), f"{word!r} not in the message:\n{message[-3000:]}"
+    assert "Fix:" in message, f"no fix in the message:\n{message[-3000:]}"
     assert _tree(tmp_path) == before, f"written: {sorted(_tree(tmp_path) - before)}"
 
 

@@ -34,6 +34,8 @@ def test_golden_budget_values(spec, labels, expected):
     ("lora", dict(r=4, target_modules=["q", "v"])),
     ("lora", dict(r=3, target_modules=["q", "k", "v", "o", "ffn_in", "ffn_out"], layers=[1])),
     ("lora", dict(r=2, target_modules=["ffn_out"], layers=[0])),
+    ("lora", dict(r=4, target_modules=["q", "v", "ffn_in"], variant="dora")),
+    ("lora", dict(r=2, target_modules=["q", "k", "v", "o"], layers=[0], variant="rslora")),
     ("head", {}),
     ("full", {}),
 ])
@@ -54,6 +56,25 @@ def test_lora_counts_each_targeted_linear_once():
     # r=1 on one 64->32 linear per layer: 2 layers * (64 + 32) = 192, plus the head: the 32x32
     # pooler (1,056) and the 32*2+2 classifier.
     assert count(spec, 2) == 192 + 1056 + 66
+
+
+def test_lora_variants_are_peft_s_own_and_the_budget_counts_them():
+    """`lora_variant`: rsLoRA scales by lora_alpha / sqrt(r) at the same count; DoRA adds one trained
+    magnitude per output feature of each adapted linear, and the meta count has it."""
+    import math
+
+    plain = student(TINY_CONFIGS["bert"], r=4, lora_alpha=8, target_modules=["q", "ffn_in"])
+    rs = student(TINY_CONFIGS["bert"], r=4, lora_alpha=8, target_modules=["q", "ffn_in"], variant="rslora")
+    dora = student(TINY_CONFIGS["bert"], r=4, lora_alpha=8, target_modules=["q", "ffn_in"], variant="dora")
+    built = {v: build_student(s, 2, device="cpu") for v, s in (("lora", plain), ("rslora", rs), ("dora", dora))}
+    query = "base_model.model.bert.encoder.layer.0.attention.self.query"
+    assert built["lora"].get_submodule(query).scaling["default"] == 8 / 4
+    assert built["rslora"].get_submodule(query).scaling["default"] == pytest.approx(8 / math.sqrt(4))
+    magnitudes = {n: p.numel() for n, p in built["dora"].named_parameters() if "lora_magnitude_vector" in n}
+    assert len(magnitudes) == 4 and sum(magnitudes.values()) == 2 * (32 + 64)  # q: 32 out, ffn_in: 64 out; 2 layers
+    assert all(p.requires_grad for n, p in built["dora"].named_parameters() if "lora_magnitude_vector" in n)
+    assert count(rs, 2) == count(plain, 2) == count_trainable(built["lora"]) == count_trainable(built["rslora"])
+    assert count(dora, 2) == count(plain, 2) + 2 * (32 + 64) == count_trainable(built["dora"])
 
 
 def test_distilbert_pre_classifier_trains_in_lora_mode():

@@ -105,10 +105,10 @@ def search_args(command: str) -> list[str]:
 
 
 def check_search_command(args: list[str]) -> None:
-    from kdray.cli.search import build_parser
+    from kdray.cli.main import command
     from kdray.config import load_config
 
-    parsed = build_parser().parse_args(args)
+    parsed = command("search")[1].parse_args(args)
     space = ROOT / parsed.space if not Path(parsed.space).is_absolute() else Path(parsed.space)
     load_config(space, parsed.overrides, budget=parsed.budget)  # the space file exists and loads
     assert parsed.storage_path, "a cluster run needs --storage-path"

@@ -94,8 +94,30 @@ def test_budget_cli_prints_count_and_feasible_ranks():
     assert "q,v" in r.stdout and "386" in r.stdout  # (100000 - 1122 head) // 256
 
 
+def test_the_smallest_feasible_budget_follows_the_layers_the_space_can_choose():
+    """A space that picks layer subsets can train a one-layer student: its floor is that
+    student's exact count (PEFT's own, on the meta device), below the all-layer one."""
+    import dataclasses
+
+    from kdray.config import LoraChoice
+    from kdray.train.budget import smallest_feasible
+
+    cfg = load_config("smoke")
+    cheapest = min(cfg.space.target_modules, key=len)
+
+    def built(layers):
+        return count(dataclasses.replace(cfg.student, lora=LoraChoice(r=min(cfg.space.lora_r), target_modules=cheapest,
+                                                                       layers=layers)), 2)
+
+    assert cfg.space.layers == "subset" and smallest_feasible(cfg, 2) == built([0]) == built([1])
+    everywhere = load_config("smoke", ["space.layers=all"])
+    assert smallest_feasible(everywhere, 2) == built(None) > built([0])
+    r = run_budget("--space", "smoke", "--budget", str(built([0]) - 1))
+    assert r.returncode == 2 and f"below the smallest feasible student of this space ({built([0]):,}" in r.stderr
+
+
 @pytest.mark.parametrize("args, needle", [
-    (["--budget", "100"], "below the smallest feasible student of this space (1,634"),
+    (["--budget", "100"], "below the smallest feasible student of this space ("),
     (["--set", "data.source=missing.csv"], "missing.csv: no such file"),
     (["--set", "student.lora.target_modules=[q, nope]"], "'nope' is not a linear module of a bert layer"),
     (["--set", "student.keep_layers=[0, 9]"], "out of range"),

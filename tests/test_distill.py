@@ -22,7 +22,8 @@ from kdray.train.logits import TeacherLogits
 from kdray.train.loop import DistillData, DistillJob, OnlineTeacher, cached_teacher, distill, predict_logits
 from kdray.train.loss import kd_loss
 from kdray.train.models import build_model, build_student, load_tokenizer
-from kdray.train.precision import native_bf16, resolve_precision
+from kdray.train.precision import resolve_precision
+from tests.conftest import cpu_computes_bf16
 
 
 # ----------------------------------------------------------------------------- loss golden values
@@ -171,7 +172,7 @@ def test_bf16_precision_autocasts_the_forwards_and_keeps_the_weights_fp32(smoke)
     cfg, task, tok, train, val = smoke
     cpu = torch.device("cpu")
     assert [resolve_precision(cpu, p) for p in ("bf16", "fp32")] == ["bf16", "fp32"]
-    assert resolve_precision(cpu, "auto") == ("bf16" if native_bf16(cpu) else "fp32")
+    assert resolve_precision(cpu, "auto") == ("bf16" if cpu_computes_bf16() else "fp32")  # as /proc/cpuinfo says
     teacher = build_model(cfg.teacher, 2, seed=3).eval()
     table = TeacherLogits(train.example_ids, predict_logits(teacher, train, 100, tok.pad_token_id, cpu))
     history, dtypes = {}, {}
@@ -264,9 +265,9 @@ def test_distill_cli_trains_each_seed_and_summarises_them(ray_cluster, tmp_path,
     import re
     import statistics
 
-    from kdray import distill
+    from kdray.cli.main import main
 
-    assert distill.main(["--space", "smoke", "--seeds", "2", "--set", "seed=3", "--set", "train.epochs=1",
+    assert main(["distill", "--space", "smoke", "--seeds", "2", "--set", "seed=3", "--set", "train.epochs=1",
                          "--set", "train.learning_rate=0.05", "--output-dir", str(tmp_path)]) == 0
     out = capsys.readouterr().out
     assert "seed 3:" in out and "seed 4:" in out, out[-3000:]

@@ -14,7 +14,6 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
-import torch
 
 from kdray import metrics as M
 from kdray.config import load_config
@@ -108,13 +107,13 @@ def test_resources_follow_the_cluster_without_a_gpu(ray_cluster, capsys):
     train in; an explicit GPU share or `device: gpu` has no GPU to use and is refused."""
     from kdray.errors import UserError
     from kdray.runtime.resources import plan_run, read_view
-    from kdray.train.precision import native_bf16
+    from tests.conftest import cpu_computes_bf16
 
     view = read_view()
     assert view.gpus == 0 and not view.addable
     plan = plan_run(load_config("smoke"), view)
     assert not plan.students.on_gpu and plan.students.resources.cpus_per_worker == 1.0
-    here = "bf16" if native_bf16(torch.device("cpu")) else "fp32"
+    here = "bf16" if cpu_computes_bf16() else "fp32"
     line = plan.students.line("auto")
     assert line.startswith("resources (students): CPU (no GPU in the cluster), 1 CPU per worker; ")
     assert f"; {here} (train.precision auto: this machine's CPU has" in line

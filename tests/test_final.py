@@ -71,7 +71,8 @@ def test_the_saved_student_loads_in_a_pipeline_and_equals_the_unmerged_one(smoke
     from kdray.data.tokenize import tokenize
     from kdray.train.batches import Split
     from kdray.train.loop import predict_logits
-    from kdray.train.models import build_model, load_tokenizer
+    from kdray.stages.teacher import prepare_teacher
+    from kdray.train.models import build_model, from_pretrained_dir, load_tokenizer, to_payload
 
     run = smoke_run
     results = json.loads((run / "results.json").read_text())
@@ -86,7 +87,10 @@ def test_the_saved_student_loads_in_a_pipeline_and_equals_the_unmerged_one(smoke
     test_split = task.read_test("tests")
     test = Split.from_dataset(tokenize(task, load_tokenizer(cfg.student), cfg.data.max_length, test=test_split)[0]["test"])
     seed = results["variants"]["student"]["chosen_seed"]
-    base = build_model(cfg.student, task.num_labels, task.label_names, seed=seed)
+    start = None  # the weights the student started from: the fine-tuned teacher's (the smoke's student.init)
+    if cfg.student.init == "teacher":
+        start = to_payload(from_pretrained_dir(prepare_teacher(cfg, task).model_dir))  # cached: no training
+    base = build_model(cfg.student, task.num_labels, task.label_names, seed=seed, base=start)
     unmerged = PeftModel.from_pretrained(base, run / "final" / "adapter").eval()
     merged = AutoModelForSequenceClassification.from_pretrained(run / "final" / "student", dtype=torch.float32)
     pad = load_tokenizer(cfg.student).pad_token_id
@@ -173,19 +177,24 @@ def test_rerunning_the_final_stage_alone(smoke_run, tmp_path):
     # ... this one cannot (no checkpoint recorded), so it retrains every seed.
     pq.write_table(pa.Table.from_pylist([{**r, "checkpoint_path": None} for r in rows]), run / "search" / "trials.parquet")
     (run / "final" / "student" / "model.safetensors").unlink()
-    assert main(["final", "--run", str(run), "--wandb", "disabled"]) == 0
+    assert main(["final", "--run", str(run), "--wandb", "disabled", "--seeds", "2"]) == 0
     after = json.loads((run / "results.json").read_text())
     assert after["final"]["reused_search_trial"] is None
     assert (run / "final" / "student" / "model.safetensors").is_file()
     assert after["wandb"] == {"mode": "disabled", "run_id": None}
     assert after["search"]["best"] == before["search"]["best"]
-    # Same seeds, same data, same config: the retrained models come out the same, and the
-    # retrained seed-0 student is the search trial the first run reused.
-    assert after["variants"]["student"]["runs"][0]["val_accuracy_per_epoch"] == pytest.approx(
-        best["val_accuracy_per_epoch"], abs=1e-6)
+    # Same seeds, same data, same config: the retrained models come out the same (their training
+    # losses, which differ in every digit between any two other runs, and not just a tiny model's
+    # chance-level accuracy), and the retrained seed-0 student is the search trial the first run reused.
+    assert after["variants"]["student"]["runs"][0]["train_loss_per_epoch"] == pytest.approx(
+        best["train_loss_per_epoch"], rel=1e-6)
+    seeds = [r["seed"] for r in after["variants"]["student"]["runs"]]
+    losses = [r["train_loss_per_epoch"][-1] for r in after["variants"]["student"]["runs"]]
+    assert len(set(seeds)) == len(seeds) > 1 and len(set(losses)) == len(losses)  # other seeds: other losses
     for variant, v in before["variants"].items():
         for old, new in zip(v["runs"], after["variants"][variant]["runs"]):
             assert new["seed"] == old["seed"]
+            assert new["train_loss_per_epoch"] == pytest.approx(old["train_loss_per_epoch"], rel=1e-6)
             assert new["val_accuracy_per_epoch"] == pytest.approx(old["val_accuracy_per_epoch"], abs=1e-6)
 
 
@@ -214,7 +223,7 @@ def test_a_final_stage_whose_students_start_from_the_teacher(smoke_run, tmp_path
     (run / "config.yaml").write_text(yaml.safe_dump(config))
     rows = pq.read_table(run / "search" / "trials.parquet").to_pylist()  # the search's trials started elsewhere
     pq.write_table(pa.Table.from_pylist([{**r, "checkpoint_path": None} for r in rows]), run / "search" / "trials.parquet")
-    assert main(["final", "--run", str(run), "--wandb", "disabled"]) == 0
+    assert main(["final", "--run", str(run), "--wandb", "disabled", "--seeds", "2"]) == 0
     results = json.loads((run / "results.json").read_text())
     assert "started from the fine-tuned teacher" in results["run"]["student_model"]
 
@@ -273,6 +282,21 @@ def test_predict_cli_prints_labels_and_refuses_what_is_not_a_classifier(smoke_ru
 def test_final_cli_refuses_a_directory_without_a_search(tmp_path):
     r = cli("final", "--run", str(tmp_path))
     assert r.returncode == 2 and "not a finished search" in r.stderr and "Traceback" not in r.stderr, r.stderr
+
+
+def test_a_damaged_trials_file_stops_the_final_stage_with_the_fix(smoke_run, tmp_path):
+    """A run file cut short (a full disk, a half copy) is named, with how to rebuild it, before
+    anything trains; the run's other files are left as they were."""
+    run = tmp_path / "smoke"
+    shutil.copytree(smoke_run, run, ignore=shutil.ignore_patterns("wandb", "train", "final"))
+    with open(run / "search" / "trials.parquet", "r+b") as f:
+        f.truncate(64)
+    before = {p: p.stat().st_mtime_ns for p in run.rglob("*")}
+    r = cli("final", "--run", str(run))
+    message = r.stderr + r.stdout
+    assert r.returncode == 2 and "Traceback" not in message, message[-3000:]
+    assert "trials.parquet" in message and "damaged" in message and "Fix:" in message, message[-3000:]
+    assert {p: p.stat().st_mtime_ns for p in run.rglob("*")} == before
 
 
 def test_truncation_stats_count_the_texts_max_length_cuts():

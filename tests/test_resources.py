@@ -166,13 +166,13 @@ def test_a_second_local_run_cannot_take_the_gpus_the_first_holds(tmp_path):
 def test_auto_precision_takes_bf16_only_where_the_gpu_computes_it(monkeypatch):
     """T4 and V100 emulate bf16 (slower than fp32), though `torch.cuda.is_bf16_supported()` says
     yes: `auto` reads the compute capability."""
-    from kdray import loop
+    from kdray.train.precision import resolve_precision
 
     props = {"T4": 7, "A10G": 8}
     for name, major in props.items():
         monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device, m=major: type("P", (), {"major": m}))
         monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
-        assert loop.resolve_precision(torch.device("cuda", 0), "auto") == ("bf16" if major >= 8 else "fp32"), name
+        assert resolve_precision(torch.device("cuda", 0), "auto") == ("bf16" if major >= 8 else "fp32"), name
 
 
 def test_torchrun_variables_are_dropped_from_a_trial_process(monkeypatch):

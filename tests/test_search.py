@@ -11,6 +11,7 @@ import sys
 import time
 
 import optuna
+import pytest
 import pyarrow.parquet as pq
 import yaml
 
@@ -18,11 +19,12 @@ from kdray import metrics as M
 from kdray.config import load_config
 from kdray.stages.searcher import BudgetedSpace
 from kdray.trials import REJECTED_ATTR, TrialConfig
-from tests.conftest import ROOT
+from tests.conftest import ROOT, SMOKE_BUDGET
 from tests.wandb_log import run_config
 
 
-SEARCHED = ["alpha", "temperature", "learning_rate", "lora_r", "lora_alpha", "lora_dropout", "target_modules", "epochs"]
+SEARCHED = ["alpha", "temperature", "learning_rate", "lora_r", "lora_alpha", "lora_dropout", "target_modules",
+            "lora_variant", "epochs"]
 
 
 def run_cli(*args: str, **kw) -> subprocess.CompletedProcess:
@@ -59,7 +61,7 @@ def test_smoke_search_with_concurrency_two_on_two_cpus(ray_cluster, smoke_run):
     run = smoke_run
     rows = pq.read_table(run / "search" / "trials.parquet").to_pylist()
     assert len(rows) == 6
-    budget = load_config("smoke").budget
+    budget = SMOKE_BUDGET
     for row in rows:
         assert row["status"] in ("completed", "stopped early")
         assert row["reported_trainable_params"] == row[M.TRAINABLE_PARAMS] <= budget  # the worker's real model
@@ -82,6 +84,17 @@ def test_smoke_search_with_concurrency_two_on_two_cpus(ray_cluster, smoke_run):
     assert sorted(t.user_attrs[M.TRAINABLE_PARAMS] for t in trained) == sorted(r[M.TRAINABLE_PARAMS] for r in rows)
     assert all(t.user_attrs[M.TRAINABLE_PARAMS] > budget or not t.params.get("layer_0", True) or
                not t.params.get("layer_1", True) for t in rejected)
+    # The budget rejected samples (no over-budget configuration trained: every row is within it).
+    assert any(t.user_attrs[M.TRAINABLE_PARAMS] > budget for t in rejected), [t.user_attrs for t in rejected]
+    # The LoRA variant is a searched knob: sampled from the smoke space's three, trained as sampled
+    # (the worker's count, DoRA's magnitudes included, matched the sample's above), and shown.
+    assert study.trials[0].distributions["lora_variant"].choices == ("lora", "rslora", "dora")
+    assert sorted(r["lora_variant"] for r in rows) == sorted(t.params["lora_variant"] for t in trained)
+    assert len({t.params["lora_variant"] for t in study.trials}) > 1
+    chosen = next(r for r in rows if r["trial_id"] == best["trial_id"])
+    assert best["student"]["lora"]["variant"] == chosen["lora_variant"]
+    report = (run / "report.md").read_text()
+    assert f"LoRA ({chosen['lora_variant']}) r {chosen['lora_r']}" in report and "| LoRA | r |" in report
 
     # wandb offline: one run directory per trial (plus the final stage's), the searched knobs and
     # trainable_params in its config.
@@ -150,11 +163,71 @@ def test_kill_after_first_completed_trial_then_resume_and_finish(ray_cluster, tm
         # experiment snapshot to the storage path asynchronously, so a trial that finished an
         # instant before the kill can be restored: it finds its last epoch done and ends at
         # once, and Tune repeats that last result as the trial's final one.)
-        (trial_dir,) = [p for p in (tmp_path / "smoke" / "search").iterdir() if f"_{trial_id}_" in p.name]
-        results = [json.loads(line) for line in (trial_dir / "result.json").read_text().splitlines()]
-        trained = {(r["epoch"], r[M.TRAIN_LOSS]) for r in results}
-        assert sorted(trained) == sorted({(r["epoch"], r[M.TRAIN_LOSS]) for r in results[:2]}) and len(trained) == 2
-        assert len([p for p in trial_dir.glob("checkpoint_*") if p.is_dir()]) == 2
+        # A retrain from scratch would report the same losses (training is deterministic) but
+        # write new checkpoints (checkpoint_000002, ...): each epoch must name the one it wrote.
+        assert epochs_and_checkpoints(tmp_path / "smoke", trial_id) == {(1, "checkpoint_000000"),
+                                                                        (2, "checkpoint_000001")}
+
+
+def trial_results(run, trial_id: str) -> list[dict]:
+    """Every result line Tune wrote for a trial (its `result.json`, appended across restores)."""
+    (trial_dir,) = [p for p in (run / "search").iterdir() if f"_{trial_id}_" in p.name]
+    return [json.loads(line) for line in (trial_dir / "result.json").read_text().splitlines()]
+
+
+def epochs_and_checkpoints(run, trial_id: str) -> set[tuple[int, str]]:
+    return {(r["epoch"], r["checkpoint_dir_name"]) for r in trial_results(run, trial_id)}
+
+
+def test_ctrl_c_mid_search_stops_the_command_and_resume_finishes_the_interrupted_trials(ray_cluster, tmp_path):
+    """SIGINT while trials train: Tune stops and snapshots, the running trials are `interrupted`
+    (not `stopped early`), no final stage starts, the console says how to continue, exit 130.
+    `--resume` then finishes them, each from its last epoch checkpoint: no epoch trains twice."""
+    epochs = 6
+    args = ["--space", "smoke", "--trials", "2", "--output-dir", str(tmp_path), "--wandb", "disabled",
+            "--address", ray_cluster.get_runtime_context().gcs_address, "--set", "search.concurrency=2",
+            "--set", f"space.epochs=[{epochs}]", "--set", f"search.grace_period={epochs}"]
+    proc = subprocess.Popen([sys.executable, "-m", "kdray.search", *args], cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    lines, reached = [], {}
+    for line in proc.stdout:
+        lines.append(line)
+        m = re.match(r"^(\w{8})\s.*\s(\d+)\s+\S+\s+running$", line)
+        if m:
+            reached[m.group(1)] = int(m.group(2))
+        if len(reached) == 2 and min(reached.values()) >= 2:
+            break
+    proc.send_signal(signal.SIGINT)
+    console = "".join(lines) + proc.stdout.read()
+    assert proc.wait(timeout=120) == 130, console[-3000:]
+    assert "search interrupted" in console and "--resume" in console, console[-3000:]
+    run = tmp_path / "smoke"
+    rows = pq.read_table(run / "search" / "trials.parquet").to_pylist()
+    assert {r["status"] for r in rows} == {"interrupted"}, rows
+    assert not (run / "final").exists() and not (run / "report.md").exists()  # no final stage started
+    before = {r["trial_id"]: r["epochs_run"] for r in rows}
+    assert all(1 <= e < epochs for e in before.values()), before
+
+    r = run_cli(*args, "--resume", "--no-final", timeout=600)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    rows = pq.read_table(run / "search" / "trials.parquet").to_pylist()
+    assert {r["trial_id"]: r["status"] for r in rows} == {t: "completed" for t in before}
+    for trial_id in before:
+        # Continued, not retrained: each epoch has the one checkpoint it wrote. (A restored trial may
+        # repeat its last result, checkpoint and all; a retrain would write checkpoint_000006 on.)
+        assert epochs_and_checkpoints(run, trial_id) == {(e, f"checkpoint_{e - 1:06d}") for e in range(1, epochs + 1)}
+
+
+def test_a_budget_only_one_layer_students_meet_trains_one_layer_students(ray_cluster, tmp_path):
+    """The smoke space picks layer subsets, so its floor is a one-layer student (1,378 at r=2 on
+    q, v): a budget of 1,400 trains exactly such students."""
+    r = run_cli("--space", "smoke", "--budget", "1400", "--trials", "2", "--no-final", "--output-dir", str(tmp_path),
+                "--wandb", "disabled", "--address", ray_cluster.get_runtime_context().gcs_address,
+                "--set", "space.epochs=[1]", timeout=600)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    rows = pq.read_table(tmp_path / "smoke" / "search" / "trials.parquet").to_pylist()
+    assert len(rows) == 2
+    assert all(len(row["layers"].split(",")) == 1 and row[M.TRAINABLE_PARAMS] <= 1400 for row in rows), rows
 
 
 def test_rejected_samples_do_not_use_up_tpes_random_start_up():
@@ -190,3 +263,40 @@ def test_rejected_samples_do_not_use_up_tpes_random_start_up():
     plain = draws(optuna.samplers.TPESampler(seed=0, n_startup_trials=3))
     assert ours[:2] == random[:2]  # two more trained trials before TPE takes over
     assert plain[:2] != random[:2]
+
+
+def test_run_names_resume_and_overwrite(tmp_path, capsys):
+    """A run without --name takes the space's name, then the next free `<name>-2`, `<name>-3`;
+    a --name that exists needs --resume (with a search to resume) or --overwrite, which deletes
+    the earlier run only once every input has been checked (`kdray.stages.pipeline`)."""
+    import argparse
+
+    from kdray.artifacts import RunDir
+    from kdray.cli.search import choose_run
+    from kdray.data.load import load_data
+    from kdray.errors import UserError
+    from kdray.stages import pipeline
+
+    def args(**kw):
+        return argparse.Namespace(**{"output_dir": str(tmp_path), "name": None, "resume": False, "overwrite": False,
+                                     **kw})
+
+    first = choose_run(args(), load_config("smoke"))
+    assert first.root == tmp_path / "smoke"
+    (tmp_path / "smoke" / "search").mkdir(parents=True)
+    cfg = load_config("smoke")
+    assert choose_run(args(), cfg).root == tmp_path / "smoke-2" and cfg.name == "smoke-2"
+    assert "run name: smoke-2" in capsys.readouterr().out
+    (tmp_path / "smoke-2").mkdir()
+    assert choose_run(args(), load_config("smoke")).root == tmp_path / "smoke-3"
+    with pytest.raises(UserError, match="already holds a run. Fix: --resume to continue it, --overwrite"):
+        choose_run(args(name="smoke"), load_config("smoke"))
+    with pytest.raises(UserError, match="--resume: no search to resume"):
+        choose_run(args(name="smoke", resume=True), load_config("smoke"))
+    (tmp_path / "smoke" / "search" / "optuna.db").write_text("")
+    assert choose_run(args(name="smoke", resume=True), load_config("smoke")).root == tmp_path / "smoke"
+    assert choose_run(args(name="smoke", overwrite=True), load_config("smoke")).root == tmp_path / "smoke"
+    # --overwrite deletes the earlier run once the data and the budget have passed their checks.
+    cfg = load_config("smoke")
+    pipeline._before_ray(cfg, load_data(cfg.data), RunDir(tmp_path / "smoke"), pipeline.Options(overwrite=True))
+    assert not (tmp_path / "smoke").exists() and (tmp_path / "smoke-2").exists()

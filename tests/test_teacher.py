@@ -11,7 +11,7 @@ from kdray.stages.teacher import prepare_teacher
 from kdray.train.logits import TeacherLogits
 
 
-def test_teacher_is_cached_and_invalidated_by_data_or_teacher_changes(ray_cluster, tmp_path):
+def test_teacher_is_cached_and_invalidated_by_data_or_teacher_changes(ray_cluster, tmp_path, capsys):
     base = ["data.max_train_samples=256", "data.max_validation_samples=64", "teacher.train.epochs=1",
             f"cache_dir={tmp_path / 'cache'}"]
     cfg = load_config("smoke", base)
@@ -32,6 +32,15 @@ def test_teacher_is_cached_and_invalidated_by_data_or_teacher_changes(ray_cluste
     second = prepare_teacher(cfg, task, storage_path=tmp_path / "train", log=False)
     assert second.cache_hit and second.path == first.path and second.record == first.record
 
+    # a damaged entry (a file cut short, as by a full disk or a half copy) is said so and rebuilt
+    with open(second.logits_path, "r+b") as f:
+        f.truncate(100)
+    capsys.readouterr()
+    rebuilt = prepare_teacher(cfg, task, storage_path=tmp_path / "train", log=False)
+    assert "is damaged (logits.parquet has 100 bytes" in capsys.readouterr().out
+    assert not rebuilt.cache_hit and rebuilt.path == first.path
+    assert pq.read_table(rebuilt.logits_path).num_rows == table.num_rows
+
     other_data = load_config("smoke", base + ["data.max_train_samples=200"])
     third = prepare_teacher(other_data, load_data(other_data.data), storage_path=tmp_path / "train", log=False)
     assert not third.cache_hit and third.path != first.path
@@ -42,27 +51,33 @@ def test_teacher_is_cached_and_invalidated_by_data_or_teacher_changes(ray_cluste
     assert fourth.record["epochs"] == 0  # an already fine-tuned teacher is evaluated, not trained
 
 
-def test_lora_teacher_is_saved_merged_and_reloads_with_the_same_logits(tmp_path):
-    """Seed 004's LoRA teacher: the stage merges the adapters before saving a plain HF model."""
+def test_lora_teacher_is_saved_merged_and_reloads_with_the_same_logits(ray_cluster, tmp_path):
+    """Seed 004's LoRA teacher: the stage merges the trained adapters (`kdray.train.models.merged`)
+    before it computes the logits and saves a plain HF model, so the saved model reproduces them."""
+    import numpy as np
     import torch
 
-    from kdray.train.models import build_student, from_pretrained_dir
+    from kdray.data.tokenize import tokenize
+    from kdray.train.batches import Split
+    from kdray.train.loop import predict_logits
+    from kdray.train.models import from_pretrained_dir, load_tokenizer
 
-    cfg = load_config("smoke", ["teacher.mode=lora", "teacher.lora.r=4"])
-    teacher = build_student(cfg.teacher, 2, seed=1).eval()
-    for name, p in teacher.named_parameters():  # make the adapters non-zero, as after training
-        if "lora_B" in name:
-            torch.nn.init.normal_(p, std=0.5)
-    ids = torch.tensor([[101, 2023, 3185, 2001, 2307, 102]])
-    with torch.no_grad():
-        before = teacher(input_ids=ids).logits
-    merged = teacher.merge_and_unload()
-    merged.save_pretrained(tmp_path / "model")
-    reloaded = from_pretrained_dir(tmp_path / "model")
+    cfg = load_config("smoke", ["teacher.mode=lora", "teacher.lora.r=4", "teacher.train.epochs=1",
+                                "teacher.train.precision=fp32", "data.max_train_samples=128",
+                                "data.max_validation_samples=32", f"cache_dir={tmp_path / 'cache'}"])
+    task = load_data(cfg.data)
+    teacher = prepare_teacher(cfg, task, storage_path=tmp_path / "train", log=False)
+    assert not (teacher.model_dir / "adapter_config.json").exists()
+    reloaded = from_pretrained_dir(teacher.model_dir)
     assert not any("lora" in n for n, _ in reloaded.named_parameters())
-    with torch.no_grad():
-        after = reloaded(input_ids=ids).logits
-    assert torch.allclose(before, after, atol=1e-5)
+    stored = TeacherLogits.from_parquet(teacher.logits_path, split="validation")
+    tokenizer = load_tokenizer(cfg.teacher)
+    tokenized, _ = tokenize(task, tokenizer, cfg.data.max_length, cfg.cache_dir)
+    split = Split.from_dataset(tokenized["validation"])
+    again = predict_logits(reloaded, split, 16, tokenizer.pad_token_id, torch.device("cpu"),
+                           precision="fp32")
+    order = np.argsort(stored.example_ids)
+    assert np.allclose(again[np.argsort(split.example_ids)], stored.logits[order], atol=1e-5)
 
 
 def test_a_teacher_on_all_training_data_also_trains_on_the_rows_the_students_never_see(ray_cluster, tmp_path):

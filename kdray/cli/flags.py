@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import difflib
+import re
+import sys
 
 from kdray.config import shipped_spaces
 from kdray.errors import UserError
@@ -15,8 +18,29 @@ def command_parser(name: str, description: str, examples: tuple[str, ...]) -> ar
     """`kdray <name>`'s parser: its description, and after the flags its examples and the shipped spaces."""
     epilog = "\n".join(["examples:", *(f"  {e}" for e in examples), "",
                         f"shipped spaces (--space NAME): {', '.join(shipped_spaces())}"])
-    return argparse.ArgumentParser(prog=f"kdray {name}", description=description, epilog=epilog,
-                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+    return CommandParser(prog=f"kdray {name}", description=description, epilog=epilog,
+                         formatter_class=argparse.RawDescriptionHelpFormatter)
+
+
+class CommandParser(argparse.ArgumentParser):
+    """argparse's parser whose errors end, like every kdray error, with the fix (exit status 2)."""
+
+    def error(self, message: str):
+        self.print_usage(sys.stderr)
+        self.exit(2, f"{self.prog}: error: {message}. Fix: {self._fix(message)}\n")
+
+    def _fix(self, message: str) -> str:
+        unknown = re.match(r"unrecognized arguments: (\S+)", message)
+        if unknown:
+            flags = [o for a in self._actions for o in a.option_strings if o.startswith("--")]
+            close = difflib.get_close_matches(unknown.group(1).split("=")[0], flags, n=1)
+            if close:
+                return f"did you mean {close[0]}? (`{self.prog} --help` lists the flags)"
+        bad_value = re.match(r"argument (\S+?)(/\S+)?: invalid (\w+) value", message)
+        if bad_value:
+            kind = {"float": "a number, e.g. 1e6", "int": "a whole number, e.g. 2"}.get(bad_value.group(3), "a value")
+            return f"give {bad_value.group(1)} {kind}."
+        return f"see `{self.prog} --help`."
 
 
 def add_space(ap: argparse.ArgumentParser, set_example: str) -> None:

@@ -8,9 +8,11 @@ is `kdray search --budget 1e6`.
 
 from __future__ import annotations
 
+import argparse
 import difflib
 import importlib
 import sys
+from typing import Any
 
 from kdray import __version__
 from kdray.errors import UserError, run_cli
@@ -56,17 +58,23 @@ def main(argv: list[str] | None = None) -> int:
     if argv[0] == "--version":
         print(f"kdray {__version__}")
         return 0
-    command, rest = argv[0], argv[1:]
-    if command not in COMMANDS:
-        close = difflib.get_close_matches(command, COMMANDS, n=1)
+    name, rest = argv[0], argv[1:]
+    if name not in COMMANDS:
+        close = difflib.get_close_matches(name, COMMANDS, n=1)
         hint = f"did you mean `kdray {close[0]}`? " if close else ""
-        raise UserError(f"unknown command {command!r}. Fix: {hint}one of {', '.join(COMMANDS)} (kdray --help).")
+        raise UserError(f"unknown command {name!r}. Fix: {hint}one of {', '.join(COMMANDS)} (kdray --help).")
+    module, parser = command(name)
+    return module.run(parser.parse_args(rest))
+
+
+def command(name: str) -> tuple[Any, argparse.ArgumentParser]:
+    """The module of `kdray <name>` and its parser, flags added."""
     from kdray.cli.flags import command_parser
 
-    module = importlib.import_module(COMMANDS[command][0])
-    parser = command_parser(command, module.DESCRIPTION, module.EXAMPLES)
+    module = importlib.import_module(COMMANDS[name][0])
+    parser = command_parser(name, module.DESCRIPTION, module.EXAMPLES)
     module.arguments(parser)
-    return module.run(parser.parse_args(rest))
+    return module, parser
 
 
 def entry() -> None:

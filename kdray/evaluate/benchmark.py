@@ -136,7 +136,7 @@ def measure_models(device: torch.device, job: Any, base: Any, trained: list[tupl
     teacher (`teacher`: a `to_payload`), the shipped student merged and unmerged, and the
     baselines, on the same test inputs. `base`: the weights the students started from."""
     from kdray.train.loop import predict_logits
-    from kdray.train.models import from_payload
+    from kdray.train.models import from_payload, merged
     from kdray.train.precision import serving_precision
 
     runs, chosen = score_runs(trained, job, s_test, device, len(job.label_names), cfg.final.throughput_batch_size,
@@ -144,19 +144,19 @@ def measure_models(device: torch.device, job: Any, base: Any, trained: list[tupl
     case, path = chosen["student"]
     loaders = {
         "teacher": (lambda: from_payload(teacher), t_test, t_pad),
-        "student": (lambda: _merged(load_trained(job, case, path, base)[0]), s_test, job.pad_token_id),
+        "student": (lambda: merged(load_trained(job, case, path, base)[0]), s_test, job.pad_token_id),
         "student_unmerged": (lambda: load_trained(job, case, path, base)[0], s_test, job.pad_token_id),
     }
     for v in ("no_kd", "head_only"):
         if v in chosen:
-            loaders[v] = (lambda v=v: _merged(load_trained(job, *chosen[v], base)[0]), s_test, job.pad_token_id)
+            loaders[v] = (lambda v=v: merged(load_trained(job, *chosen[v], base)[0]), s_test, job.pad_token_id)
     bench, logits = benchmark(loaders, device, cfg)
-    merged, unmerged = logits["student"], logits["student_unmerged"]
+    as_merged, as_unmerged = logits["student"], logits["student_unmerged"]
     if serving_precision(device) != "fp32":  # the timed passes ran under autocast: compare the weights in fp32
-        merged, unmerged = (predict_logits(loaders[name][0]().to(device), s_test, cfg.final.throughput_batch_size,
+        as_merged, as_unmerged = (predict_logits(loaders[name][0]().to(device), s_test, cfg.final.throughput_batch_size,
                                            job.pad_token_id, device, precision="fp32")
                             for name in ("student", "student_unmerged"))
-    return Measured(runs, chosen, bench, logits, float(np.abs(merged - unmerged).max()))
+    return Measured(runs, chosen, bench, logits, float(np.abs(as_merged - as_unmerged).max()))
 
 
 def benchmark(loaders: dict[str, tuple[Any, Any, int]], device: torch.device,
@@ -228,13 +228,9 @@ def score_runs(trained: list[tuple[TrialConfig, str]], job: Any, test: Any, devi
         v = case.variant
         row = {"seed": case.seed, M.TRAINABLE_PARAMS: case.trainable_params,
                M.VAL_ACCURACY: history[-1][M.VAL_ACCURACY], M.VAL_F1: history[-1][M.VAL_F1],
-               "val_accuracy_per_epoch": [h[M.VAL_ACCURACY] for h in history], **split_scores(logits, test.labels, k)}
+               "val_accuracy_per_epoch": [h[M.VAL_ACCURACY] for h in history],
+               "train_loss_per_epoch": [h[M.TRAIN_LOSS] for h in history], **split_scores(logits, test.labels, k)}
         runs.setdefault(v, []).append(row)
         if v not in chosen or row[M.VAL_ACCURACY] > best_val[v]:
             chosen[v], best_val[v] = (case, path), row[M.VAL_ACCURACY]
     return {v: runs[v] for v in VARIANTS if v in runs}, chosen
-
-
-def _merged(model: nn.Module) -> nn.Module:
-    """A trained model as it would ship: LoRA merged; a head-only model is already plain."""
-    return model.merge_and_unload() if hasattr(model, "merge_and_unload") else model

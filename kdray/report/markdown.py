@@ -110,7 +110,7 @@ def _search(results: dict[str, Any], skipped: dict[str, str]) -> list[str]:
         + (f"; {search['seconds']:.0f} s" if search["seconds"] is not None else "") + ".",
         "",
         f"Best (validation accuracy {best['best_val_accuracy']:.4f}): alpha {c.alpha:.3f}, T {c.temperature:.2f}, "
-        f"learning rate {c.learning_rate:.2e}, {c.epochs} epoch(s), LoRA r {c.lora.r}, lora_alpha "
+        f"learning rate {c.learning_rate:.2e}, {c.epochs} epoch(s), LoRA ({c.lora.variant}) r {c.lora.r}, lora_alpha "
         f"{c.lora.lora_alpha:g}, lora_dropout {c.lora.lora_dropout:.2f}, modules {','.join(c.lora.target_modules)}, "
         f"layers {c.layers_text}"
         + (f"; student shape: layers {shape_text(c.keep_layers)} of the model" if c.keep_layers is not None else "")
@@ -119,14 +119,14 @@ def _search(results: dict[str, Any], skipped: dict[str, str]) -> list[str]:
     ]
     timed = "latency" in results["plots"]
     shape_cols = ("| shape | ms (batch 1) ", "|---|---") if timed else ("", "")
-    lines += [f"| trial | alpha | T | lr | r | modules | layers {shape_cols[0]}| trainable params | best val acc | epochs "
-              f"| status |", f"|---|---|---|---|---|---|---{shape_cols[1]}|---|---|---|---|"]
+    lines += [f"| trial | alpha | T | lr | LoRA | r | modules | layers {shape_cols[0]}| trainable params | best val acc "
+              f"| epochs | status |", f"|---|---|---|---|---|---|---|---{shape_cols[1]}|---|---|---|---|"]
     for r in sorted(search["trials_table"], key=lambda r: -(r["best_val_accuracy"] or 0)):
         acc = "n/a" if r["best_val_accuracy"] is None else f"{r['best_val_accuracy']:.4f}"
         mark = " **(chosen)**" if r["trial_id"] == best["trial_id"] else ""
         shape = f"| {r.get(SHAPE_PARAM) or 'as configured'} | {r[M.LATENCY_MS]:.2f} " if timed else ""
         lines.append(f"| {r['trial_id']}{mark} | {r['alpha']:.2f} | {r['temperature']:.2f} | {r['learning_rate']:.1e} "
-                     f"| {r['lora_r']} | {r['target_modules']} | {r['layers']} {shape}| {r[M.TRAINABLE_PARAMS]:,} | {acc} "
+                     f"| {r.get('lora_variant', 'lora')} | {r['lora_r']} | {r['target_modules']} | {r['layers']} {shape}| {r[M.TRAINABLE_PARAMS]:,} | {acc} "
                      f"| {r['epochs_run']} | {r['status']} |")
     lines += ["", "![Pareto front](plots/pareto.png)", ""]
     if timed:

@@ -82,7 +82,7 @@ def _table_row(r: TrialRow) -> dict[str, Any]:
     """A trial as the report's table shows it."""
     row = r.config.to_row()
     return {"trial_id": r.trial_id, **{k: row[k] for k in ("alpha", "temperature", "learning_rate", "lora_r",
-                                                            "lora_alpha", "target_modules", "layers",
+                                                            "lora_alpha", "lora_variant", "target_modules", "layers",
                                                             M.TRAINABLE_PARAMS, SHAPE_PARAM)},
             "best_val_accuracy": r.best_val_accuracy, "epochs_run": r.epochs_run, "status": r.status,
             M.LATENCY_MS: r.latency_ms}

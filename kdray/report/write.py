@@ -28,7 +28,8 @@ def write_report(run_dir: Path, *, wandb_mode: str = "offline") -> dict[str, Any
     from kdray.config import load_config
 
     run = RunDir(Path(run_dir))
-    search, final = SearchResult.load(run), FinalRecord.load(run)
+    final = FinalRecord.load(run)  # first: a report is of the final stage, and needs it most
+    search = SearchResult.load(run)
     results = build_results(run, load_config(run.config), search, final)
     skipped = make_plots(run, search.rows, results)
     results["plots_skipped"] = skipped

@@ -52,6 +52,7 @@ class WandbTrials(Callback):
     def _work(self) -> None:
         import wandb
 
+        (Path(self.run_dir) / "wandb").mkdir(parents=True, exist_ok=True)  # made once a trial starts, not before
         runs: dict[str, Any] = {}
         while (item := self.items.get()) is not None:
             kind, trial_id, payload = item

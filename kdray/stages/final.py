@@ -111,10 +111,11 @@ def save_student(unmerged: nn.Module, tokenizer: Any, run: RunDir, cfg: RunConfi
                  label_names: list[str]) -> Path:
     """Save the PEFT adapter (`final/adapter/`), then merge the LoRA weights and save the student
     as a plain Hugging Face classifier with its tokenizer (`final/student/`)."""
+    from kdray.train.models import merged
+
     unmerged.save_pretrained(run.adapter)
-    merged = unmerged.merge_and_unload()
     student_dir = run.student
-    merged.save_pretrained(student_dir, safe_serialization=True)
+    merged(unmerged).save_pretrained(student_dir, safe_serialization=True)
     tokenizer.save_pretrained(student_dir)
     (student_dir / "kdray.json").write_text(json.dumps({
         "run": cfg.name, "seed": case.seed, M.TRAINABLE_PARAMS: case.trainable_params,

@@ -49,6 +49,7 @@ def trial_rows(results: Any, budget: int, interrupted: bool = False) -> list[Tri
             status=_status(r, epochs_run, c.epochs, interrupted),
             val_accuracy_per_epoch=accuracy,
             val_f1_macro_per_epoch=[float(x) for x in per_epoch[M.VAL_F1]] if per_epoch is not None else [],
+            train_loss_per_epoch=[float(x) for x in per_epoch[M.TRAIN_LOSS]] if per_epoch is not None else [],
             epochs_run=epochs_run, reported_trainable_params=int(last.get(M.TRAINABLE_PARAMS, -1)),
             within_budget=c.trainable_params <= budget, latency_ms=r.config.get(M.LATENCY_MS),
             wall_time_s=float(last.get("time_total_s", float("nan"))), node=last.get(NODE_ID),
@@ -107,12 +108,14 @@ def best_config(rows: list[TrialRow], cfg: RunConfig) -> SearchChoice | None:
 
 
 def largest_student(cfg: RunConfig) -> StudentConfig:
-    """The space's most memory-hungry student: its largest rank on its largest module set, every layer."""
+    """The space's most memory-hungry student: its largest rank on its largest module set, every
+    layer, DoRA when the space has it (a trained magnitude per module, and its weight norms each step)."""
     from kdray.config import LoraChoice
 
     sp = cfg.space
     lora = LoraChoice(r=max(sp.lora_r), lora_alpha=max(sp.lora_alpha), lora_dropout=sp.lora_dropout[0],
-                      target_modules=max(sp.target_modules, key=len), layers=None)
+                      target_modules=max(sp.target_modules, key=len), layers=None,
+                      variant="dora" if "dora" in sp.lora_variant else sp.lora_variant[0])
     return dataclasses.replace(cfg.student, mode="lora", lora=lora, keep_layers=max(student_shapes(cfg), key=_depth))
 
 
@@ -129,10 +132,15 @@ def describe(cfg: RunConfig, num_labels: int, n_layers: int) -> None:
     print(f"student: {s.name or 'inline ' + s.config['model_type'] + ' config'}, {n_layers} layers{s.start_text()} "
           f"({layers}); largest rank within budget with all {n_layers} layers:")
     for ts in cfg.space.target_modules:
-        lim = rank_limit(s, num_labels, ts, None)
+        # A variant changes what a choice costs besides its rank (DoRA's magnitudes), not the cost per rank.
+        limits = {v: rank_limit(dataclasses.replace(s, lora=dataclasses.replace(s.lora, variant=v)), num_labels, ts, None)
+                  for v in cfg.space.lora_variant}
+        lim = limits[cfg.space.lora_variant[0]]
         r = lim.max_rank(cfg.budget)
         ok = [x for x in cfg.space.lora_r if r is not None and x <= r]
-        print(f"  {','.join(ts):<24} {lim.per_rank:>8,}/rank  max r {r if r is not None else 'none':>5}  "
+        other = {v: x.max_rank(cfg.budget) for v, x in limits.items() if x.max_rank(cfg.budget) != r}
+        per_variant = f" ({', '.join(f'{v} {m or 0}' for v, m in other.items())})" if other else ""
+        print(f"  {','.join(ts):<24} {lim.per_rank:>8,}/rank  max r {r if r is not None else 'none':>5}{per_variant}  "
               f"space ranks that fit: {ok or 'none (need fewer layers)'}")
     workers = cfg.resources.workers
     where = "in the trial's own process" if workers == 1 else f"on {workers} Ray Train (DDP) workers"
@@ -150,7 +158,6 @@ def wandb_callback(mode: str, cfg: RunConfig, run: RunDir) -> Any:
     os.environ.setdefault("WANDB_SILENT", "true")
     from kdray.runtime.tracking import WandbTrials
 
-    run.wandb.mkdir(parents=True, exist_ok=True)
     return WandbTrials(cfg.name, run.root)
 
 
@@ -226,6 +233,6 @@ def summarize(result: SearchResult, cfg: RunConfig, run: RunDir) -> None:
     c = b.config
     print(f"best: val accuracy {b.best_val_accuracy:.4f} with {c.trainable_params:,} trainable parameters "
           f"({100 * c.trainable_params / cfg.budget:.1f}% of budget): alpha {c.alpha:.3f}, "
-          f"T {c.temperature:.2f}, lr {c.learning_rate:.2e}, r {c.lora.r}, lora_alpha {c.lora.lora_alpha:g}, "
+          f"T {c.temperature:.2f}, lr {c.learning_rate:.2e}, {c.lora.variant} r {c.lora.r}, lora_alpha {c.lora.lora_alpha:g}, "
           f"targets {','.join(c.lora.target_modules)}, layers {c.layers_text}")
     print(f"wrote {run.trials} and {run.best_config}")

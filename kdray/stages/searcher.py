@@ -48,6 +48,9 @@ class BudgetedSpace:
         trial.suggest_float("lora_dropout", sp.lora_dropout[0], sp.lora_dropout[1])
         trial.suggest_categorical("target_modules", [",".join(t) for t in sp.target_modules])
         trial.suggest_categorical("epochs", sp.epochs)
+        # One choice is not sampled (Optuna returns it without the sampler), so a space that does
+        # not search the variant draws exactly what it drew before the knob existed.
+        trial.suggest_categorical("lora_variant", sp.lora_variant)
         if sp.layers == "subset":
             for i in range(self.n_layers):
                 trial.suggest_categorical(f"{LAYER_PREFIX}{i}", [True, False])

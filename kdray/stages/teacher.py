@@ -193,7 +193,7 @@ def teacher_entry(job: Any, data: Any, worker: Any) -> None:
     from kdray.runtime.engine import distill_entry
     from kdray.train.logits import write_logits
     from kdray.train.loop import predict_logits, score_logits
-    from kdray.train.models import build_model
+    from kdray.train.models import build_model, merged
 
     rank, world, device = worker.rank, worker.world_size, worker.device
     t0 = time.perf_counter()
@@ -201,8 +201,7 @@ def teacher_entry(job: Any, data: Any, worker: Any) -> None:
         model = build_model(job.model, job.num_labels, job.label_names, device=device, seed=job.seed)
     else:
         model = distill_entry(job, data, worker).model
-    if hasattr(model, "merge_and_unload"):  # a LoRA teacher is saved and served merged
-        model = model.merge_and_unload()
+    model = merged(model)  # a LoRA teacher is saved, and its logits computed, merged
     train_seconds = time.perf_counter() - t0
     t1 = time.perf_counter()
     parts = {}

@@ -58,13 +58,17 @@ def rank_limit(student: StudentConfig, num_labels: int, target_modules: list[str
 
 
 def smallest_feasible(cfg: RunConfig, num_labels: int) -> int:
-    """The smallest trainable count any LoRA choice of the space can have (smallest rank, any shape)."""
+    """The smallest trainable count any LoRA choice of the space can have: the smallest rank, on the
+    fewest layers the space can choose (one, when `space.layers: subset` picks layers; every layer
+    otherwise), in any shape and LoRA variant."""
     r = min(cfg.space.lora_r)
+    layers = [0] if cfg.space.layers == "subset" else None  # the layers of an encoder are alike
     counts, problems = [], []
-    for ts, shape in itertools.product(cfg.space.target_modules, student_shapes(cfg)):
-        student = dataclasses.replace(cfg.student, keep_layers=shape)
+    for ts, shape, variant in itertools.product(cfg.space.target_modules, student_shapes(cfg), cfg.space.lora_variant):
+        lora = dataclasses.replace(cfg.student.lora, variant=variant)
+        student = dataclasses.replace(cfg.student, keep_layers=shape, lora=lora)
         try:
-            counts.append(rank_limit(student, num_labels, ts, cfg.student.lora.layers).at(r))
+            counts.append(rank_limit(student, num_labels, ts, layers).at(r))
         except UserError as e:  # a module of this choice: name the space's field, not the student's
             problems += [p.replace("student.lora.target_modules", f"space.target_modules {ts}") for p in e.problems]
     if problems:

@@ -8,6 +8,7 @@ not drift from the model.
 from __future__ import annotations
 
 import copy
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -188,9 +189,12 @@ def apply_student_mode(model: nn.Module, student: TrainableModelConfig) -> nn.Mo
     from peft import LoraConfig, TaskType, get_peft_model
 
     lora = student.lora
+    # DoRA: peft 0.21 calls transformers 5's deprecated `is_gradient_checkpointing`, a FutureWarning at
+    # every build (each sample the budget counts), which is not the user's to act on.
+    warnings.filterwarnings("ignore", message=r".*is_gradient_checkpointing.*", category=FutureWarning)
     config = LoraConfig(task_type=TaskType.SEQ_CLS, r=lora.r, lora_alpha=lora.lora_alpha,
                         lora_dropout=lora.lora_dropout, target_modules=resolve_target_modules(model, lora),
-                        modules_to_save=head)
+                        modules_to_save=head, use_rslora=lora.variant == "rslora", use_dora=lora.variant == "dora")
     return get_peft_model(model, config)
 
 
@@ -204,6 +208,12 @@ def build_student(student: TrainableModelConfig, num_labels: int, label_names: l
 def count_trainable(model: nn.Module) -> int:
     """Parameters with requires_grad=True: the budget's definition (head included)."""
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def merged(model: nn.Module) -> nn.Module:
+    """A trained model as it is saved and served: LoRA merged into the weights (PEFT's
+    `merge_and_unload`), a plain Hugging Face classifier; a model without adapters as it is."""
+    return model.merge_and_unload() if hasattr(model, "merge_and_unload") else model
 
 
 def to_payload(model: nn.Module) -> dict[str, Any]:
