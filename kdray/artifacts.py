@@ -97,6 +97,11 @@ class RunDir:
         """The unmerged PEFT adapter."""
         return self.final / "adapter"
 
+    def served(self, runtime: str) -> Path:
+        """The student's form for `runtime` (`serve.runtime`): `final/student` for pytorch, else
+        `final/student-<runtime>` (`kdray.serve`)."""
+        return self.student if runtime == "pytorch" else self.final / f"student-{runtime}"
+
     # the report
     @property
     def report(self) -> Path:
@@ -168,6 +173,8 @@ class TrialRow:
     within_budget: bool = True
     latency_ms: float | None = None
     """The shape's batch-1 latency, when shapes were timed (`kdray.stages.shapes`)."""
+    latency_runtime: str | None = None
+    """The form `latency_ms` was measured in (`serve.runtime`), when shapes were timed."""
     wall_time_s: float = math.nan
     node: str | None = None
     placement: list[dict] | None = None
@@ -181,6 +188,7 @@ class TrialRow:
 
     def to_record(self) -> dict[str, Any]:
         return {"trial_id": self.trial_id, **self.config.to_row(), M.LATENCY_MS: self.latency_ms,
+                "latency_runtime": self.latency_runtime,
                 "reported_trainable_params": self.reported_trainable_params, "within_budget": self.within_budget,
                 "val_accuracy_per_epoch": self.val_accuracy_per_epoch,
                 "val_f1_macro_per_epoch": self.val_f1_macro_per_epoch,
@@ -199,6 +207,7 @@ class TrialRow:
                    train_loss_per_epoch=list(r.get("train_loss_per_epoch") or []), epochs_run=int(r["epochs_run"]),
                    reported_trainable_params=int(r["reported_trainable_params"]),
                    within_budget=bool(r["within_budget"]), latency_ms=r.get(M.LATENCY_MS),
+                   latency_runtime=r.get("latency_runtime"),
                    wall_time_s=float(r["wall_time_s"]), node=r.get("node"),
                    placement=json.loads(r["placement"]) if r.get("placement") else None,
                    gpu_busy_pct=r.get("gpu_busy_pct"), checkpoint_path=r.get("checkpoint_path"))
@@ -319,6 +328,10 @@ class FinalRecord:
     error_analysis: dict[str, Any]
     student_dir: str
     adapter_dir: str
+    serving: dict[str, Any] = field(default_factory=dict)
+    """The served forms (`kdray.stages.serving.measure_forms`): each form of the student and the
+    teacher benchmarked where it runs and scored on test, the recommended form and why; empty when
+    the forms were not made (`serve.export: false`)."""
 
     def save(self, run: RunDir) -> None:
         run.final_json.write_text(json.dumps(dataclasses.asdict(self), indent=2))

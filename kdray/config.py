@@ -493,6 +493,41 @@ class FinalConfig:
         return p
 
 
+#: `serve.runtime`: where the student will run (`kdray.serve.forms.RUNTIMES`, kept here so the
+#: config reads without onnxruntime).
+SERVE_RUNTIMES = ("pytorch", "onnx", "onnx-int8")
+
+
+@dataclass
+class ServeConfig:
+    """The student as it is served: its forms beside `final/student/` (`kdray.serve`)."""
+
+    runtime: str = "onnx-int8"
+    """Where the student will run: `pytorch` (fp32 eager), `onnx` (ONNX Runtime fp32) or `onnx-int8`
+    (ONNX Runtime, dynamic int8). The student shapes' latencies, `--latency-budget` and the
+    report's headline are measured in it. Default onnx-int8: a small classifier is shipped to a CPU
+    service, where it is the fastest form and the smallest file; its accuracy is checked on
+    every run against the fp32 student, and a form that loses more than `max_accuracy_drop` is not
+    recommended."""
+    max_accuracy_drop: float = 0.01
+    """The most test accuracy (a fraction: 0.01 is 1 point) a form may lose against the fp32
+    PyTorch student and still be recommended."""
+    export: bool = True
+    """Write the ONNX forms in the final stage (`kdray export --run DIR` writes them later)."""
+
+    def check(self, at: str = "serve") -> list[str]:
+        p = []
+        if self.runtime not in SERVE_RUNTIMES:
+            p.append(f"{at}.runtime: {self.runtime!r} is unknown. Fix: one of {', '.join(SERVE_RUNTIMES)}.")
+        if not 0 <= self.max_accuracy_drop < 1:
+            p.append(f"{at}.max_accuracy_drop: {self.max_accuracy_drop} is not a fraction in [0, 1). Fix: e.g. "
+                     f"{at}.max_accuracy_drop: 0.01 (1 point).")
+        if self.runtime != "pytorch" and not self.export:
+            p.append(f"{at}.export: false, but {at}.runtime: {self.runtime} needs the ONNX forms. Fix: "
+                     f"{at}.export: true, or {at}.runtime: pytorch.")
+        return p
+
+
 @dataclass
 class RunConfig:
     name: str = "kdray"
@@ -510,6 +545,7 @@ class RunConfig:
     space: SpaceConfig = field(default_factory=SpaceConfig)
     search: SearchConfig = field(default_factory=SearchConfig)
     final: FinalConfig = field(default_factory=FinalConfig)
+    serve: ServeConfig = field(default_factory=ServeConfig)
     storage_path: str | None = None
     """Where Ray Tune and Ray Train write experiments and trial checkpoints, under `<name>/`: a
     URI (`s3://bucket/kdray`) or a path every node mounts. Unset: the run directory, which only
@@ -534,6 +570,7 @@ class RunConfig:
                      f"(at most {MAX_BUDGET:.0e}). Fix: e.g. --budget 1e6.")
         p += self.data.check() + self.teacher.check() + self.student.check() + self.train.check("train")
         p += self.resources.check("resources") + self.space.check() + self.search.check() + self.final.check()
+        p += self.serve.check()
         return p + self._check_student_start()
 
     def _check_student_start(self) -> list[str]:

@@ -162,6 +162,9 @@ CASES = [
     Case("report-damaged-final", ["report", "--run", "runs/smoke"], ["final.json", "damaged", "kdray final --run"],
          files={"runs/smoke/config.yaml": "base: smoke\n", "runs/smoke/final/final.json": "{\"seeds\": 1"}),
     Case("report-missing-run", ["report", "--run", "nothere"], ["--run", "nothere"]),
+    Case("export-without-final", ["export", "--run", "runs/smoke"], ["--run runs/smoke", "kdray final --run"],
+         files={"runs/smoke/config.yaml": "base: smoke\n"}),
+    Case("serve-runtime-unknown", [*SEARCH, "--set", "serve.runtime=tensorrt"], ["serve.runtime", "onnx-int8"]),
     Case("predict-missing-model", ["predict", "--model", "nothere", "hi"], ["--model", "nothere"]),
 ]
 

@@ -13,7 +13,7 @@ from tests.conftest import ROOT
 #: kdray's layers, lowest first: a module may import its own layer and those below it. The
 #: top-level modules are the base (errors, config, metrics, cache, the run's files...), and the
 #: entry points `kdray.search` and `kdray.__main__` sit with the command line.
-LAYERS = ("base", "data", "train", "evaluate", "runtime", "report", "stages", "cli")
+LAYERS = ("base", "data", "train", "serve", "evaluate", "runtime", "report", "stages", "cli")
 ENTRY_POINTS = {"kdray.search", "kdray.__main__"}
 #: The one function allowed to be long: the training loop reads top to bottom.
 LONG_ALLOWED = {"kdray/train/loop.py:distill"}

@@ -113,12 +113,12 @@ def test_smoke_search_with_concurrency_two_on_two_cpus(ray_cluster, smoke_run):
 def test_console_is_kdrays_progress_only(smoke_console):
     """Without --verbose a whole run (teacher, 6 trials, final stage, report) prints kdray's own
     lines: no traceback, none of Ray's, Tune's or the trial processes' chatter. One row per trial
-    epoch (how many depends on what ASHA stops) plus one per ended trial, and ~40 other lines."""
+    epoch (how many depends on what ASHA stops) plus one per ended trial, and ~50 other lines."""
     run, console = smoke_console
     lines = console.splitlines()
     rows = [line for line in lines if re.match(r"([0-9a-f]{8}|(student|no_kd|head_only)/s\d+) ", line)]
     assert len(rows) <= (6 + 2) * (3 + 1), console  # 6 search + 2 final trials, 3 epochs + an end row each
-    assert len(lines) - len(rows) <= 40, console
+    assert len(lines) - len(rows) <= 50, console  # ~40, and the served forms' 9 lines
     for noise in ("Traceback", "core_worker", "(run_trial pid", "Configuration for experiment", " INFO ",
                   "WARNING", "tensorboard", "it/s]", "examples/s]"):
         assert noise not in console, (noise, console)

@@ -81,6 +81,10 @@ def test_measure_times_each_shape_caches_it_and_refuses_a_budget_no_shape_meets(
     task = load_data(cfg.data)
     table = measure(cfg, task)
     assert [s.keep_layers for s in table.shapes] == [[0], [0, 1]] and not table.cached
+    assert table.runtime == cfg.serve.runtime == "onnx-int8"  # timed in the form the student is served in
+    # In another runtime they are other numbers (another cache entry, timed again).
+    eager = measure(dataclasses.replace(cfg, serve=dataclasses.replace(cfg.serve, runtime="pytorch")), task)
+    assert eager.runtime == "pytorch" and not eager.cached and eager.latency_of() != table.latency_of()
     assert all(s.latency_ms > 0 and s.fits for s in table.shapes) and table.teacher_ms > 0
     (lo1, hi1), (lo2, hi2) = (s.params for s in table.shapes)
     assert lo1 < hi1 and lo2 < hi2 and hi1 < hi2  # a second layer adds LoRA parameters
@@ -122,12 +126,14 @@ def test_a_shape_search_under_a_latency_budget_never_trains_the_slow_shape(ray_c
                         "--address", ray_cluster.get_runtime_context().gcs_address],
                        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    assert "student shapes: batch-1 p50" in r.stdout and "(cached)" in r.stdout and "too slow: never trains" in r.stdout
+    assert "student shapes: batch-1 p50 in onnx-int8 (serve.runtime)" in r.stdout and "(cached)" in r.stdout
+    assert "too slow: never trains" in r.stdout
     assert f" all of {fast.text} " in r.stdout  # each trial's progress line names its shape
     rows = pq.read_table(tmp_path / "smoke" / "search" / "trials.parquet").to_pylist()
     assert len(rows) == 6
     assert {row[SHAPE_PARAM] for row in rows} == {fast.text}
     assert all(row[M.LATENCY_MS] == pytest.approx(fast.latency_ms) for row in rows)
+    assert {row["latency_runtime"] for row in rows} == {"onnx-int8"}  # the shapes' latencies came from ONNX Runtime
     study = optuna.load_study(study_name="smoke", storage=f"sqlite:///{tmp_path / 'smoke' / 'search' / 'optuna.db'}")
     rejected = [t for t in study.get_trials() if t.user_attrs.get(REJECTED_WHY_ATTR) == "latency"]
     assert rejected, "no sample of the slow shape was drawn: raise search.trials"
@@ -144,4 +150,5 @@ def test_a_shape_search_under_a_latency_budget_never_trains_the_slow_shape(ray_c
     assert AutoConfig.from_pretrained(run / "final" / "student").num_hidden_layers == len(fast.keep_layers)
     results = json.loads((run / "results.json").read_text())
     assert results["plots"]["latency"] == "plots/latency.png" and (run / "plots" / "latency.png").stat().st_size > 5_000
-    assert f"student shape: layers {fast.text} of the model" in (run / "report.md").read_text()
+    report = (run / "report.md").read_text()
+    assert f"student shape: layers {fast.text} of the model" in report and "| ms (batch 1, onnx-int8) |" in report

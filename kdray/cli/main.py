@@ -25,7 +25,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "distill": ("kdray.cli.distill", "one distillation (one trial) of the space's student"),
     "final": ("kdray.cli.final", "rerun the final stage of a search: retrain, baselines, benchmark"),
     "report": ("kdray.cli.report", "rebuild a run's report.md, results.json and plots/"),
-    "predict": ("kdray.cli.predict", "classify texts with a saved student"),
+    "export": ("kdray.cli.export", "write a run's student as ONNX (fp32 and int8), checked against PyTorch"),
+    "predict": ("kdray.cli.predict", "classify texts with a saved student, PyTorch or ONNX"),
     "budget": ("kdray.cli.budget", "count trainable parameters; the largest LoRA rank per module set"),
     "runs": ("kdray.cli.runs", "list the runs in an output directory with their best results"),
 }

@@ -1,7 +1,8 @@
 """Classify text with a saved student (or any Hugging Face sequence classifier directory).
 
     kdray predict --model runs/NAME/final/student "a gripping, funny film" "dull"
-    echo "one text per line" | python -m kdray.predict --model runs/NAME/final/student
+    kdray predict --model runs/NAME/final/student-onnx-int8 "a gripping, funny film"   # onnxruntime, no torch
+    echo "one text per line" | kdray predict --model runs/NAME/final/student
     kdray predict --model DIR --file texts.txt
 
 Prints one line per text: label, probability, text (tab-separated).
@@ -66,16 +67,19 @@ def read_texts(args: argparse.Namespace) -> list[str]:
     return texts
 
 
-DESCRIPTION = ("Classify texts with a saved kdray student (or any Hugging Face text classifier directory): prints "
-               "label, probability and text per line.")
+DESCRIPTION = ("Classify texts with a saved kdray student in any of its forms (final/student, final/student-onnx, "
+               "final/student-onnx-int8) or any Hugging Face text classifier directory: prints label, probability "
+               "and text per line. An ONNX form runs on onnxruntime without importing torch.")
 EXAMPLES = (
     'kdray predict --model runs/default/final/student "a gorgeous, witty film" "flat and dull"',
+    'kdray predict --model runs/default/final/student-onnx-int8 "a gorgeous, witty film"',
     'kdray predict --model runs/default/final/student --file texts.txt',
 )
 
 
 def arguments(ap: argparse.ArgumentParser) -> None:
-    ap.add_argument("--model", required=True, help="model directory, e.g. runs/<name>/final/student")
+    ap.add_argument("--model", required=True, help="model directory, e.g. runs/<name>/final/student or "
+                    "runs/<name>/final/student-onnx-int8")
     ap.add_argument("texts", nargs="*", help="texts to classify (default: --file, else lines on stdin)")
     ap.add_argument("--file", help="text file, one example per line")
     ap.add_argument("--batch-size", type=int, default=32, help="texts per forward pass (default: 32)")
@@ -84,7 +88,10 @@ def arguments(ap: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     model_dir = check_model_dir(args.model)
     texts = read_texts(args)
+    from kdray.serve.forms import is_onnx_form
 
+    if is_onnx_form(model_dir):
+        return _run_onnx(model_dir, texts, args.batch_size)
     from transformers import pipeline
 
     max_length = None
@@ -99,4 +106,21 @@ def run(args: argparse.Namespace) -> int:
         kwargs["max_length"] = max_length
     for text, out in zip(texts, classify(texts, **kwargs)):
         print(f"{out['label']}\t{out['score']:.4f}\t{text}")
+    return 0
+
+
+def _run_onnx(model_dir: Path, texts: list[str], batch_size: int) -> int:
+    """An ONNX form (`final/student-onnx*`) with onnxruntime and the tokenizer alone: torch is
+    never imported, so the process starts faster and holds less (docs/serving.md)."""
+    import os
+
+    from kdray.serve.forms import META_FILE, OnnxClassifier
+
+    if not (model_dir / META_FILE).is_file() or not (model_dir / "tokenizer.json").is_file():
+        raise UserError(f"--model {model_dir}: an ONNX model without kdray's {META_FILE} or tokenizer.json beside it. "
+                        f"Fix: pass a form the final stage wrote (runs/<name>/final/student-onnx-int8), or make the "
+                        f"forms again with `kdray export --run runs/<name>`.")
+    classifier = OnnxClassifier.load(model_dir, threads=len(os.sched_getaffinity(0)))
+    for text, (label, p) in zip(texts, classifier.predict(texts, batch_size)):
+        print(f"{label}\t{p:.4f}\t{text}")
     return 0

@@ -86,8 +86,8 @@ def _rss_mb() -> tuple[float, bool]:
     return psutil.Process().memory_info().rss / 2**20, False
 
 
-def _memory_mark(device: torch.device) -> float:
-    """Start a peak-memory window; returns the baseline (MB) that `_memory_peak` subtracts."""
+def memory_mark(device: torch.device) -> float:
+    """Start a peak-memory window; returns the baseline (MB) that `memory_peak` subtracts."""
     import torch
 
     gc.collect()
@@ -103,7 +103,7 @@ def _memory_mark(device: torch.device) -> float:
     return psutil.Process().memory_info().rss / 2**20
 
 
-def _memory_peak(device: torch.device, base: float) -> tuple[float, str]:
+def memory_peak(device: torch.device, base: float) -> tuple[float, str]:
     import torch
 
     if device.type == "cuda":
@@ -185,7 +185,7 @@ def benchmark(loaders: dict[str, tuple[Any, Any, int]], device: torch.device,
     models, out, logits = {}, {}, {}
     with torch.inference_mode():
         for name, (load, split, pad) in loaders.items():
-            base = _memory_mark(device)
+            base = memory_mark(device)
             model = load().to(device).eval()
             resident = DeviceSplit(split, pad, device)
             singles = single_inputs(split, pad, device, fc.latency_runs)
@@ -197,7 +197,7 @@ def benchmark(loaders: dict[str, tuple[Any, Any, int]], device: torch.device,
             logits[name] = predict_logits(model, resident, fc.throughput_batch_size, pad, device, precision=precision)
             sync()
             seconds = time.perf_counter() - t0
-            peak, kind = _memory_peak(device, base)
+            peak, kind = memory_peak(device, base)
             out[name] = {"total_params": total_params(model), "size_mb": weights_mb(model),
                          "throughput_per_s": len(split) / seconds, "throughput_batch_size": fc.throughput_batch_size,
                          "peak_memory_mb": float(peak), "memory_kind": kind, "precision": precision}

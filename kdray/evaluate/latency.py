@@ -1,14 +1,10 @@
-"""Batch-1 latency: warm-up over every timed shape, interleaved timing, and the student
-shapes' timing a search's latency budget reads."""
+"""Batch-1 latency of PyTorch models on their token ids: warm-up over every timed shape and
+interleaved timing (the final stage's benchmark; the served forms' timing is `kdray.evaluate.serving`)."""
 
 from __future__ import annotations
 
-import dataclasses
 import time
 from typing import Any
-
-from kdray.config import RunConfig
-from kdray.trials import shape_text
 
 
 def interleaved_latency(models: dict[str, tuple[Any, list[dict]]], runs: int, sync: Any = None,
@@ -57,28 +53,3 @@ def warm(models: dict[str, tuple[Any, list[dict]]], warmup_runs: int, device: An
                 model(**x)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
-
-
-def _time_shapes(device: Any, cfg: RunConfig, num_labels: int, shapes: list[list[int] | None], student_split: Any,
-                 student_pad: int, teacher_split: Any, teacher_pad: int) -> dict:
-    """The task body: build each shape (and the teacher) with random weights (latency does not
-    depend on them) on `device`, warm each, then time them round-robin on the first validation
-    examples."""
-    import numpy as np
-    import torch
-
-    from kdray.train.models import build_model
-
-    runs = cfg.final.latency_runs
-    student_inputs = single_inputs(student_split, student_pad, device, runs)
-    models = {str(shape_text(s)): (build_model(dataclasses.replace(cfg.student, keep_layers=s), num_labels,
-                                               device=device).eval(), student_inputs) for s in shapes}
-    models["teacher"] = (build_model(cfg.teacher, num_labels, device=device).eval(),
-                         single_inputs(teacher_split, teacher_pad, device, runs))
-    from kdray.train.precision import autocast_for, serving_precision
-
-    autocast = autocast_for(device, serving_precision(device))
-    warm(models, cfg.final.warmup_runs, device, autocast)
-    sync = torch.cuda.synchronize if device.type == "cuda" else None
-    p50 = {name: float(np.percentile(t, 50)) for name, t in interleaved_latency(models, runs, sync, autocast).items()}
-    return {"teacher": p50.pop("teacher"), "shapes": p50}

@@ -62,8 +62,8 @@ def _test_split_sentence(during_search: list[str] | None, by_final: list[str] | 
 
 def render_markdown(results: dict[str, Any], skipped: dict[str, str]) -> str:
     """`report.md`: the headline and claims, the search, the benchmark, the seeds, the errors."""
-    sections = (_headline(results), _search(results, skipped), _benchmark(results), _seeds(results),
-                _errors(results), _files(results))
+    sections = (_headline(results), _search(results, skipped), _served(results), _benchmark(results),
+                _seeds(results), _errors(results), _files(results))
     return "\n".join(line for section in sections for line in section)
 
 
@@ -83,8 +83,9 @@ def _headline(results: dict[str, Any]) -> list[str]:
         f"{100 * teacher[M.TEST_ACCURACY]:.1f}% ({-st['test_accuracy_drop_pt']:+.1f} pt), with "
         f"{trainable:,} trainable parameters ({100 * trainable / run['budget']:.1f}% of "
         f"the budget), {st['total_params_ratio']:.1f}x fewer parameters in all, {st['size_ratio']:.1f}x smaller on "
-        f"disk and {st['latency_speedup_p50']:.2f}x faster at batch 1 on {fin['device']}.**",
+        f"disk and {st['latency_speedup_p50']:.2f}x faster at batch 1 on {fin['device']} (PyTorch fp32, both).**",
         "",
+        *_served_headline(results.get("serving") or {}),
         f"{_test_split_sentence(search['test_reads'], run['data'].get('test_reads'))} "
         f"Test figures of the retrained models are mean ± std over {fin['seeds']} seed(s).",
         "",
@@ -94,6 +95,56 @@ def _headline(results: dict[str, Any]) -> list[str]:
           f"{'-' if c['holds'] is None else ('yes' if c['holds'] else '**no**')} |" for c in results["claims"]),
         "",
     ]
+
+
+def _served_headline(serving: dict[str, Any]) -> list[str]:
+    """The recommended form in one sentence, with its two labelled ratios."""
+    h = serving.get("headline")
+    if h is None:
+        return []
+    same = h["speedup_vs_teacher_same_runtime"]
+    runtime = h["form"].split("/", 1)[1]
+    same_text = f" and {same:.2f}x as fast as the teacher in the same runtime ({runtime})" if same else ""
+    return [f"**Served as `{h['form']}` (recommended: {serving['why']}): {h['latency_ms_p50']:.2f} ms at batch 1 "
+            f"with tokenization, {h['speedup_vs_teacher_pytorch']:.2f}x as fast as the teacher served in PyTorch "
+            f"fp32{same_text}; {100 * h['test_accuracy']:.1f}% test accuracy "
+            f"({-h['accuracy_drop_pt_vs_fp32_student']:+.1f} pt against the fp32 student), {h['size_mb']:.1f} MB "
+            f"({h['size_ratio_vs_fp32_student']:.2f} of the fp32 student's file).**", ""]
+
+
+def _served(results: dict[str, Any]) -> list[str]:
+    """Every form of the student and the teacher where it runs: the table, the flags, the skips."""
+    serving = results.get("serving") or {}
+    if not serving.get("forms"):
+        return []
+    forms = serving["forms"]
+    measured = [b for b in forms.values() if "skipped" not in b]
+    threads = measured[0]["threads"] if measured else "n/a"
+    lines = ["## Served", "",
+             f"Each form where it runs on {serving['device']} ({threads} threads for PyTorch and ONNX Runtime alike): "
+             f"batch-1 latency over {measured[0]['latency_runs'] if measured else 0} real test sentences with "
+             f"tokenization in every call, interleaved; throughput over the whole test split at batch "
+             f"{measured[0]['throughput_batch_size'] if measured else 0}; test accuracy from that pass. Recommended: "
+             f"`{serving['recommended']}` ({serving['why']}).", "",
+             "| form | p50 ms | p95 ms | examples/s | size MB | peak mem MB | test acc % | vs fp32 student |",
+             "|---|---|---|---|---|---|---|---|"]
+    reference = forms["student/pytorch"][M.TEST_ACCURACY]
+    for name, b in forms.items():
+        if "skipped" in b:
+            lines.append(f"| {name} | skipped: {b['skipped']} | | | {b['size_mb']:.1f} | | | |")
+            continue
+        flag = " **flagged: over serve.max_accuracy_drop**" if name in serving["flagged"] else ""
+        drop = f"{100 * (b[M.TEST_ACCURACY] - reference):+.1f} pt" if b["model"] == "student" else ""
+        lines.append(f"| {name} | {b['latency_ms_p50']:.2f} | {b['latency_ms_p95']:.2f} | {b['throughput_per_s']:.0f} | "
+                     f"{b['size_mb']:.1f} | {b['peak_memory_mb']:.0f} | {100 * b[M.TEST_ACCURACY]:.1f} | {drop}{flag} |")
+    checks = [f"`{rt}` {c['check']['max_abs_logit_diff']:.1e} (same class on {100 * c['check']['same_class']:.1f}%)"
+              for rt, c in serving.get("exported", {}).items() if c.get("check")]
+    errors = [f"`{rt}`: {c['error']}" for rt, c in serving.get("exported", {}).items() if c.get("error")]
+    if checks:
+        lines += ["", f"Largest difference of each ONNX form's validation logits from PyTorch's: {', '.join(checks)}."]
+    if errors:
+        lines += ["", f"Not made: {'; '.join(errors)}. The PyTorch student is served instead."]
+    return lines + [""]
 
 
 def _search(results: dict[str, Any], skipped: dict[str, str]) -> list[str]:
@@ -118,7 +169,8 @@ def _search(results: dict[str, Any], skipped: dict[str, str]) -> list[str]:
         "",
     ]
     timed = "latency" in results["plots"]
-    shape_cols = ("| shape | ms (batch 1) ", "|---|---") if timed else ("", "")
+    runtime = next((r.get("latency_runtime") for r in search["trials_table"] if r.get("latency_runtime")), None)
+    shape_cols = (f"| shape | ms (batch 1, {runtime or 'pytorch'}) ", "|---|---") if timed else ("", "")
     lines += [f"| trial | alpha | T | lr | LoRA | r | modules | layers {shape_cols[0]}| trainable params | best val acc "
               f"| epochs | status |", f"|---|---|---|---|---|---|---|---{shape_cols[1]}|---|---|---|---|"]
     for r in sorted(search["trials_table"], key=lambda r: -(r["best_val_accuracy"] or 0)):
@@ -228,7 +280,12 @@ def _errors(results: dict[str, Any]) -> list[str]:
 
 def _files(results: dict[str, Any]) -> list[str]:
     run, fin = results["run"], results["final"]
+    served = [f for f in ("student-onnx", "student-onnx-int8") if f"student/{f[8:]}" in (results.get("serving") or {})
+              .get("forms", {})]
     return ["## Files", "",
+            *(f"- `final/{f}/`: the student as ONNX ({'int8 weights' if f.endswith('int8') else 'fp32'}) with its "
+              f"tokenizer; `kdray predict --model final/{f} \"some text\"` runs it with onnxruntime, without torch."
+              for f in served),
             f"- `final/student/`: the merged student with its tokenizer; "
               f"`transformers.pipeline(\"text-classification\", model=\"{fin['student_dir']}\")` loads it from the run "
               f"directory, `kdray predict --model {fin['student_dir']} \"some text\"` prints a label.",

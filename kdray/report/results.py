@@ -73,6 +73,7 @@ def build_results(run: RunDir, cfg: RunConfig, search: SearchResult, final: Fina
         "claims": claims(comparison, best.trainable_params, cfg.budget, dataclasses.asdict(cfg.final),
                          final.teacher[M.TEST_ACCURACY], final.variants["student"][M.TEST_ACCURACY]["mean"]),
         "error_analysis": final.error_analysis,
+        "serving": final.serving,
         "plots": {name: f"plots/{name}.png" for name in
                   [*PLOTS, *(SHAPE_PLOTS if any(r.latency_ms is not None for r in rows) else [])]},
     }
@@ -85,7 +86,7 @@ def _table_row(r: TrialRow) -> dict[str, Any]:
                                                             "lora_alpha", "lora_variant", "target_modules", "layers",
                                                             M.TRAINABLE_PARAMS, SHAPE_PARAM)},
             "best_val_accuracy": r.best_val_accuracy, "epochs_run": r.epochs_run, "status": r.status,
-            M.LATENCY_MS: r.latency_ms}
+            M.LATENCY_MS: r.latency_ms, "latency_runtime": r.latency_runtime}
 
 
 def _comparison(final: FinalRecord) -> dict[str, Any]:

@@ -14,11 +14,15 @@ seeds' baselines, and hand over a deployable student.
    unmerged student and the baselines are benchmarked one after another in this process on the
    same inputs (latency at batch 1, throughput at batch 32, peak memory, size).
 4. Error analysis of the student's test mistakes: short/long, negation, true->predicted.
+5. The student as it is served (`kdray.stages.serving`): its ONNX fp32 and int8 forms beside
+   `final/student/`, each checked against PyTorch's logits on validation; every form of the
+   student and the teacher benchmarked where it runs, tokenization included, and scored on the
+   same read of the test split; the form to ship recommended (`serve.runtime`).
 
 `final/final.json` holds every measurement and `final/predictions.parquet` the test predictions;
 `kdray.report.write` turns them into `results.json`, `report.md` and `plots/`.
 
-    python -m kdray.final --run runs/NAME [--seeds N]
+    kdray final --run runs/NAME [--seeds N]
 """
 
 from __future__ import annotations
@@ -148,6 +152,7 @@ def run_final(cfg: RunConfig, task: Any, run: RunDir, teacher: Any, inputs: tupl
         student_dir = save_student(load_trained(job, case, local, data.student_base)[0], s_tok, run, cfg, case,
                                    task.label_names)
     errors = _errors_and_predictions(cfg, task, test, s_test, t_test, measured, run)
+    serving = _serve(cfg, task, test, run, teacher, plan)
     record = FinalRecord(
         seeds=seeds, device=where["device_name"], device_type=where["device_type"], placement=where,
         reused_search_trial=best.trial_id if reused else None, train_seconds=train_seconds,
@@ -166,11 +171,21 @@ def run_final(cfg: RunConfig, task: Any, run: RunDir, teacher: Any, inputs: tupl
                          (M.VAL_ACCURACY, M.TEST_ACCURACY, M.TEST_F1, M.TEST_PRECISION, M.TEST_RECALL)}}
                   for v, rs in measured.runs.items()},
         benchmark=measured.benchmark, merge_max_abs_logit_diff=measured.merge_diff, error_analysis=errors,
-        student_dir=str(student_dir), adapter_dir=str(run.adapter))
+        student_dir=str(student_dir), adapter_dir=str(run.adapter), serving=serving)
     record.save(run)
     print(f"final: done in {record.seconds:.0f}s; merged vs unmerged logits differ by at most "
           f"{measured.merge_diff:.2e}; student saved to {student_dir}")
     return record
+
+
+def _serve(cfg: RunConfig, task: Any, test: Any, run: RunDir, teacher: Any, plan: Any) -> dict[str, Any]:
+    """The student's ONNX forms, checked, then every served form benchmarked and scored on this
+    stage's read of the test split (`kdray.stages.serving`); nothing when `serve.export` is off."""
+    if not cfg.serve.export:
+        return {}
+    from kdray.stages.serving import export_student, measure_forms
+
+    return measure_forms(cfg, test, run, teacher.model_dir, plan, export_student(cfg, task, run))
 
 
 def _retrain(cfg: RunConfig, task: Any, run: RunDir, job: Any, data: Any, plan: Any, best: SearchChoice,

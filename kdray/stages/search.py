@@ -31,10 +31,10 @@ if TYPE_CHECKING:
 
 
 
-def trial_rows(results: Any, budget: int, interrupted: bool = False) -> list[TrialRow]:
+def trial_rows(results: Any, budget: int, interrupted: bool = False, runtime: str | None = None) -> list[TrialRow]:
     """One `TrialRow` per trial of a Tune `ResultGrid`. A trial that did not end (the search was
     interrupted: Tune stops its loop and leaves it unfinished) is `interrupted`, not `stopped
-    early`: `--resume` continues it."""
+    early`: `--resume` continues it. `runtime`: the form the shapes' latencies were measured in."""
     from kdray.runtime.engine import checkpoint_path
 
     rows = []
@@ -52,6 +52,7 @@ def trial_rows(results: Any, budget: int, interrupted: bool = False) -> list[Tri
             train_loss_per_epoch=[float(x) for x in per_epoch[M.TRAIN_LOSS]] if per_epoch is not None else [],
             epochs_run=epochs_run, reported_trainable_params=int(last.get(M.TRAINABLE_PARAMS, -1)),
             within_budget=c.trainable_params <= budget, latency_ms=r.config.get(M.LATENCY_MS),
+            latency_runtime=runtime if r.config.get(M.LATENCY_MS) is not None else None,
             wall_time_s=float(last.get("time_total_s", float("nan"))), node=last.get(NODE_ID),
             placement=json.loads(last[M.PLACEMENT]) if last.get(M.PLACEMENT) else None,
             gpu_busy_pct=_mean(df[M.GPU_BUSY].dropna()) if df is not None and M.GPU_BUSY in df else None,
@@ -204,7 +205,7 @@ def run_search(cfg: RunConfig, task: Any, run: RunDir, n_layers: int, inputs: tu
     with tune_interrupts() as signals:
         grid = tuner.fit()
     interrupted = signals.code is not None
-    rows = trial_rows(grid, cfg.budget, interrupted)
+    rows = trial_rows(grid, cfg.budget, interrupted, shapes.runtime if shapes else None)
     summary = SearchSummary(time.perf_counter() - t0, count_rejected(run.optuna_url, cfg.name), len(rows),
                             list(task.test_reads), gpu_busy(grid), interrupted)
     result = SearchResult(rows, best_config(rows, cfg), summary)

@@ -2,9 +2,11 @@
 
 A shape is a `student.keep_layers` (which layers of the model the student keeps, in order).
 `space.keep_layers` lists candidates; without it the student's own shape is the only one. Before
-the search, each shape's batch-1 latency (p50) is measured once on the device the final stage
-benchmarks on, beside the teacher's, and cached (it depends on the shape, the inputs and the
-machine, not on the weights: a merged LoRA student runs exactly like a plain model of its shape).
+the search, each shape's batch-1 latency (p50, tokenization included) is measured once in the form
+the student will be served in (`serve.runtime`: PyTorch, ONNX Runtime fp32 or int8) on the device
+the final stage benchmarks on, beside the teacher's in the same form, and cached (it depends on
+the shape, the form, the inputs and the machine, not on the weights: a merged LoRA student runs
+exactly like a plain model of its shape).
 `search.latency_budget_ms` and `search.min_speedup` then mark the slow shapes; the search's
 sampler is told about a sample of one exactly as about an over-budget sample (`kdray.stages.search`).
 """
@@ -19,7 +21,8 @@ from typing import Any
 from kdray.cache import cached_dir, fingerprint
 from kdray.config import RunConfig, origin_of, student_shapes, to_dict
 from kdray.errors import UserError
-from kdray.evaluate.latency import _time_shapes
+from kdray.machine import package_version
+from kdray.evaluate.serving import time_shapes
 from kdray.train.budget import rank_limit
 from kdray.trials import shape_text
 
@@ -57,6 +60,8 @@ class ShapeTable:
 
     limit_ms: float | None = None
     """The slowest batch-1 latency allowed (the latency budget, or the teacher's over the speed-up)."""
+    runtime: str = "pytorch"
+    """Where the latencies were measured: `serve.runtime`, the form the student will be served in."""
 
 
 def measure(cfg: RunConfig, task: Any, plan: Any = None) -> ShapeTable:
@@ -73,12 +78,12 @@ def measure(cfg: RunConfig, task: Any, plan: Any = None) -> ShapeTable:
     shapes = student_shapes(cfg)
     # What decides the speed: each model's identity and shape, the inputs, the machine (not LoRA, not training).
     models = [{k: to_dict(m)[k] for k in ("name", "config", "tokenizer")} for m in (cfg.student, cfg.teacher)]
-    key = fingerprint("latency-v2", models, cfg.teacher.keep_layers, [shape_text(s) for s in shapes],
+    key = fingerprint("latency-v3", models, cfg.teacher.keep_layers, [shape_text(s) for s in shapes],
                       task.fingerprint, cfg.data.max_length, cfg.final.latency_runs, cfg.final.warmup_runs,
-                      _device_key(plan), torch.__version__)
+                      _device_key(plan), torch.__version__, cfg.serve.runtime, package_version("onnxruntime"))
 
     def build(tmp) -> None:
-        ms, where = on_device(plan, _time_shapes, cfg, task.num_labels, shapes, *_validation_inputs(cfg, task))
+        ms, where = on_device(plan, time_shapes, cfg, task.num_labels, shapes, *_validation_texts(cfg, task))
         (tmp / "latency.json").write_text(json.dumps({**ms, "device": where["device_name"], "placement": where}))
 
     path, hit = cached_dir("latency", key, build, cfg.cache_dir)
@@ -88,7 +93,7 @@ def measure(cfg: RunConfig, task: Any, plan: Any = None) -> ShapeTable:
     for shape in shapes:
         latency = ms["shapes"][str(shape_text(shape))]
         table.append(Shape(shape, latency, _param_range(cfg, task.num_labels, shape), limit is None or latency <= limit))
-    result = ShapeTable(table, ms["teacher"], ms["device"], hit, limit)
+    result = ShapeTable(table, ms["teacher"], ms["device"], hit, limit, ms["runtime"])
     if not any(s.fits for s in table):
         field = "search.latency_budget_ms" if cfg.search.latency_budget_ms is not None else "search.min_speedup"
         measured = ", ".join(f"{s.text or 'as configured'}: {s.latency_ms:.2f} ms" for s in table)
@@ -141,24 +146,21 @@ def _param_range(cfg: RunConfig, num_labels: int, shape: list[int] | None) -> tu
     return min(counts), max(counts)
 
 
-def _validation_inputs(cfg: RunConfig, task: Any) -> tuple[Any, int, Any, int]:
-    """The validation split as the student's and the teacher's tokenizers make it, and their pad ids."""
-    from kdray.data.tokenize import tokenize
-    from kdray.train.batches import Split
+def _validation_texts(cfg: RunConfig, task: Any) -> tuple[list, str, str]:
+    """The first validation texts (as many as are timed) and the student's and the teacher's
+    tokenizers (`tokenizer.json`, what a served form tokenizes with)."""
     from kdray.train.models import load_tokenizer
 
-    out: list[Any] = []
-    for spec in (cfg.student, cfg.teacher):
-        tok = load_tokenizer(spec)
-        out += [Split.from_dataset(tokenize(task, tok, cfg.data.max_length, cfg.cache_dir)[0]["validation"]),
-                tok.pad_token_id]
-    return tuple(out)
+    val = task.splits["validation"].select(range(min(cfg.final.latency_runs, len(task.splits["validation"]))))
+    texts = list(zip(val["text"], val["text_pair"])) if "text_pair" in val.column_names else list(val["text"])
+    return (texts, *(load_tokenizer(spec).backend_tokenizer.to_str() for spec in (cfg.student, cfg.teacher)))
 
 
 def describe_shapes(table: ShapeTable, cfg: RunConfig) -> None:
     """Print each candidate: layers, batch-1 latency, speed-up over the teacher, parameter range."""
     budget = f"; latency budget {_budget_text(cfg)}" if cfg.search.latency_budget_ms or cfg.search.min_speedup else ""
-    print(f"student shapes: batch-1 p50 on {table.device} ({'cached' if table.cached else 'measured now'}): "
+    print(f"student shapes: batch-1 p50 in {table.runtime} (serve.runtime), tokenization included, on {table.device} "
+          f"({'cached' if table.cached else 'measured now'}): "
           f"teacher {table.teacher_ms:.2f} ms{budget}")
     for s in table.shapes:
         layers = "as configured" if s.keep_layers is None else f"layers {s.text}"
