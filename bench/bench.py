@@ -438,6 +438,48 @@ def bench_search(args: argparse.Namespace) -> dict:
     return out
 
 
+def bench_predict(args: argparse.Namespace) -> dict:
+    """`kdray predict` on each form of a run's student, each in a fresh process, as a user's
+    service starts: wall time from launch to the printed labels, and the process's peak RSS.
+    The ONNX forms run on onnxruntime and never import torch. Rounds alternate the forms."""
+    import subprocess
+    import sys
+
+    run = Path(args.run)
+    forms = [f for f in ("student", "student-onnx", "student-onnx-int8") if (run / "final" / f).is_dir()]
+    texts = ["a gripping, funny and moving film", "a dull mess"]
+    probe = ("import resource, subprocess, sys, time; t = time.perf_counter(); "
+             "r = subprocess.run(sys.argv[1:], capture_output=True); "
+             "print(time.perf_counter() - t, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss, r.returncode)")
+    seconds: dict[str, list[float]] = {f: [] for f in forms}
+    peak: dict[str, list[float]] = {f: [] for f in forms}
+    for _ in range(args.rounds):
+        for form in forms:
+            cmd = [sys.executable, "-m", "kdray", "predict", "--model", str(run / "final" / form), *texts]
+            wall, rss, code = subprocess.run([sys.executable, "-c", probe, *cmd], capture_output=True, text=True,
+                                             check=True).stdout.split()
+            if int(code) != 0:
+                raise RuntimeError(f"kdray predict failed on {form}")
+            seconds[form].append(float(wall))
+            peak[form].append(int(rss) / 1024)  # KiB on Linux
+    forms_out = {f: {"wall_s_median": float(np.median(seconds[f])), "peak_rss_mb_median": float(np.median(peak[f])),
+                     "wall_s": seconds[f], "peak_rss_mb": peak[f]} for f in forms}
+    base = forms_out.get("student")
+    return {"benchmark": "predict", "settings": {"run": run.name, "rounds": args.rounds, "texts": len(texts)},
+            "environment": _environment(torch.device("cpu")), "forms": forms_out,
+            "ratios_vs_pytorch": {f: {"wall": base["wall_s_median"] / r["wall_s_median"],
+                                      "peak_rss": base["peak_rss_mb_median"] / r["peak_rss_mb_median"]}
+                                  for f, r in forms_out.items() if base and f != "student"}}
+
+
+def print_predict(r: dict) -> None:
+    for f, x in r["forms"].items():
+        ratio = r["ratios_vs_pytorch"].get(f)
+        vs = f"  ({ratio['wall']:.2f}x faster start, {ratio['peak_rss']:.2f}x less memory than PyTorch)" if ratio else ""
+        print(f"kdray predict --model final/{f}: {x['wall_s_median']:.2f} s to the labels, peak RSS "
+              f"{x['peak_rss_mb_median']:.0f} MB (median of {len(x['wall_s'])}){vs}")
+
+
 def _best_so_far(points: list[tuple[float, float]]) -> list[tuple[float, float]]:
     best, out = -1.0, []
     for t, acc in sorted(points):
@@ -664,6 +706,7 @@ EXAMPLES = (
     'python bench/bench.py search --quick',
     'python bench/bench.py overhead --run runs/default',
     'python bench/bench.py eval --batch-sizes 32 128',
+    'python bench/bench.py predict --run runs/default',
 )
 
 
@@ -706,6 +749,9 @@ def main(argv: list[str] | None = None) -> int:
     se.add_argument("--trials", type=int, default=8, help="trials per system (default 8)")
     se.add_argument("--epochs", type=int, default=2, help="epochs per trial (default 2)")
     se.add_argument("--budget", type=float, default=None, help="trainable-parameter budget (default: the space's)")
+    pr = sub.add_parser("predict", help="kdray predict's start-up time and peak memory on each form of a run's student")
+    pr.add_argument("--run", required=True, help="run directory whose final stage wrote the forms (runs/<name>/)")
+    pr.add_argument("--rounds", type=int, default=5, help="launches per form, alternating (default 5)")
     sub.add_parser("table", help="rewrite docs/performance.md's table from bench/results/*.json")
     args = ap.parse_args(argv)
     if args.which == "table":
@@ -714,7 +760,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     run, show = {"step": (bench_step, print_step), "infer": (bench_infer, print_infer),
                  "overhead": (bench_overhead, print_overhead), "search": (bench_search, print_search),
-                 "eval": (bench_eval, print_eval)}[args.which]
+                 "eval": (bench_eval, print_eval), "predict": (bench_predict, print_predict)}[args.which]
     result = run(args)
     show(result)
     kind = result["environment"]["device"].split(":")[0]

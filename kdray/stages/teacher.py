@@ -8,7 +8,7 @@ pay a second start-up (~10-20 s here) and reload the model for no gain. Everythi
 cached under a fingerprint of what determines it (teacher spec and training, tokenizer, data,
 max_length, seed): a second run trains nothing and says so.
 
-    python -m kdray.teacher --space FILE [--set key=value ...]
+    kdray teacher --space FILE [--set key=value ...]
 """
 
 from __future__ import annotations

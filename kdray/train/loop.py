@@ -5,7 +5,7 @@ trial or on Ray Train workers (`kdray.runtime.engine`), under a plain test, or i
 worker trains on its shard of length-grouped batches (distributed-sampler semantics: every rank the same number of steps,
 reshuffled per epoch), reads the teacher's logits by `example_id` (or runs the teacher forward
 per batch in `online` mode), evaluates every epoch with metrics all-reduced across workers, and
-reports one checkpoint of the trainable weights per epoch. `python -m kdray.distill` runs one.
+reports one checkpoint of the trainable weights per epoch. `kdray distill` runs one.
 """
 
 from __future__ import annotations
