@@ -159,20 +159,32 @@ def test_kill_after_first_completed_trial_then_resume_and_finish(ray_cluster, tm
     assert len({r["trial_id"] for r in rows}) == 3
     for trial_id in done_before:
         assert [r["status"] for r in rows if r["trial_id"] == trial_id] == ["completed"]
-        # Not trained again: each epoch trained once, one checkpoint per epoch. (Tune writes its
-        # experiment snapshot to the storage path asynchronously, so a trial that finished an
-        # instant before the kill can be restored: it finds its last epoch done and ends at
-        # once, and Tune repeats that last result as the trial's final one.)
-        # A retrain from scratch would report the same losses (training is deterministic) but
-        # write new checkpoints (checkpoint_000002, ...): each epoch must name the one it wrote.
-        assert epochs_and_checkpoints(tmp_path / "smoke", trial_id) == {(1, "checkpoint_000000"),
-                                                                        (2, "checkpoint_000001")}
+        # Not trained again: each epoch trained once, one checkpoint per epoch. A retrain from
+        # scratch would report the same losses (training is deterministic) but write new
+        # checkpoints (checkpoint_000002, ...; Tune keeps the last 2), so the trial's directory
+        # must hold exactly the two it wrote before the kill. (Tune writes its experiment snapshot
+        # asynchronously, so a trial that finished an instant before the kill can be restored: it
+        # finds its last epoch done and ends at once, and Tune repeats that last result as the
+        # trial's final one, in a `result.json` it starts afresh.)
+        assert checkpoints(tmp_path / "smoke", trial_id) == ["checkpoint_000000", "checkpoint_000001"]
+        results = epochs_and_checkpoints(tmp_path / "smoke", trial_id)
+        assert (2, "checkpoint_000001") in results
+        assert results <= {(1, "checkpoint_000000"), (2, "checkpoint_000001")}, results
+
+
+def trial_dir(run, trial_id: str):
+    (path,) = [p for p in (run / "search").iterdir() if f"_{trial_id}_" in p.name]
+    return path
 
 
 def trial_results(run, trial_id: str) -> list[dict]:
     """Every result line Tune wrote for a trial (its `result.json`, appended across restores)."""
-    (trial_dir,) = [p for p in (run / "search").iterdir() if f"_{trial_id}_" in p.name]
-    return [json.loads(line) for line in (trial_dir / "result.json").read_text().splitlines()]
+    return [json.loads(line) for line in (trial_dir(run, trial_id) / "result.json").read_text().splitlines()]
+
+
+def checkpoints(run, trial_id: str) -> list[str]:
+    """The epoch checkpoints on disk in a trial's directory."""
+    return sorted(p.name for p in trial_dir(run, trial_id).glob("checkpoint_*"))
 
 
 def epochs_and_checkpoints(run, trial_id: str) -> set[tuple[int, str]]:

@@ -133,7 +133,8 @@ def test_students_spread_and_the_measuring_runs_on_gpu_nodes(sim, tmp_path):
     held = {(r["node_id"], tuple(r["gpu_ids"])) for ranks in trials.values() for r in ranks}
     assert len(held) == 3 and {n for n, _ in held} == {nodes["g1"], nodes["g2"]}, trials  # every GPU, none twice
     assert all(r["device"].endswith(SIMULATED) for ranks in trials.values() for r in ranks)
-    assert re.search(r"student shapes: batch-1 p50 on .*\(a simulated GPU\) \(measured now\)", console)
+    assert re.search(r"student shapes: batch-1 p50 in onnx-int8 \(serve.runtime\), tokenization included, on "
+                     r".*\(a simulated GPU\) \(measured now\)", console)
     assert re.search(r"teacher: transfer set labelled in \d+s on .*\(a simulated GPU\)", console)
     assert re.search(r"memory: GPU: one trial holds [\d,]+ MiB .* \(a simulation: estimated on the CPU\)", console)
     final = json.loads((tmp_path / "smoke" / "final" / "final.json").read_text())
@@ -193,7 +194,8 @@ def test_a_gpu_node_removed_mid_search_costs_retries_not_results(sim, tmp_path):
     assert proc.wait(timeout=600) == 0, console[-5000:]
     rows = pq.read_table(tmp_path / "smoke" / "search" / "trials.parquet").to_pylist()
     assert len(rows) == 3 and all(r["status"] == "completed" for r in rows), rows
-    assert all(len(r["val_accuracy_per_epoch"]) == epochs for r in rows)
+    assert all(len(r["val_accuracy_per_epoch"]) == epochs == r["epochs_run"] for r in rows), [
+        (r["trial_id"], r["val_accuracy_per_epoch"]) for r in rows]
     retried = re.findall(r"(\w{8}): retried after a failure .*; resumed after epoch ([1-9]) from its checkpoint", console)
     assert retried, console[-5000:]
     finals = placements(tmp_path / "smoke")

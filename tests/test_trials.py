@@ -47,3 +47,16 @@ def test_job_applies_the_knobs_to_the_template():
     head = dataclasses.replace(c, mode="head", seed=3).job(template)
     assert head.model.mode == "head" and head.model.lora == cfg.student.lora and head.seed == 3
     assert job.train.batch_size == cfg.train.batch_size  # what the config does not choose stays the run's
+
+
+def test_a_retried_trial_keeps_one_row_per_epoch():
+    """A retry can report an epoch twice (its result was lost with the node, or Tune repeats a
+    restored trial's last result): the per-epoch lists keep the last report of each epoch."""
+    import pandas as pd
+
+    from kdray.stages.search import _per_epoch
+
+    df = pd.DataFrame({M.EPOCHS_DONE: [1, 2, 2, 3, 3, None], M.VAL_ACCURACY: [0.5, 0.6, 0.61, 0.7, 0.7, None]})
+    per_epoch = _per_epoch(df)
+    assert list(per_epoch[M.EPOCHS_DONE]) == [1, 2, 3]
+    assert list(per_epoch[M.VAL_ACCURACY]) == [0.5, 0.61, 0.7]

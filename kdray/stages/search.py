@@ -41,7 +41,7 @@ def trial_rows(results: Any, budget: int, interrupted: bool = False, runtime: st
     for r in results:
         c, last = TrialConfig.of_tune(r.config), r.metrics or {}
         df = r.metrics_dataframe
-        per_epoch = df.dropna(subset=[M.VAL_ACCURACY]) if df is not None and M.VAL_ACCURACY in df else None
+        per_epoch = _per_epoch(df)
         accuracy = [float(x) for x in per_epoch[M.VAL_ACCURACY]] if per_epoch is not None else []
         epochs_run = int(per_epoch[M.EPOCHS_DONE].max()) if accuracy else 0
         rows.append(TrialRow(
@@ -58,6 +58,16 @@ def trial_rows(results: Any, budget: int, interrupted: bool = False, runtime: st
             gpu_busy_pct=_mean(df[M.GPU_BUSY].dropna()) if df is not None and M.GPU_BUSY in df else None,
             checkpoint_path=checkpoint_path(r)))
     return rows
+
+
+def _per_epoch(df: Any) -> Any:
+    """A trial's evaluated epochs, one row each. A trial retried after a failure can report an
+    epoch twice (its checkpoint was written but the result never reached Tune, or it restored
+    from its last epoch and Tune repeats that result as the final one): the last report wins."""
+    if df is None or M.VAL_ACCURACY not in df:
+        return None
+    evaluated = df.dropna(subset=[M.VAL_ACCURACY])
+    return evaluated.drop_duplicates(subset=[M.EPOCHS_DONE], keep="last").sort_values(M.EPOCHS_DONE)
 
 
 def _status(result: Any, epochs_run: int, epochs: int, interrupted: bool) -> str:
