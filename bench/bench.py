@@ -670,6 +670,14 @@ def performance_table(results_dir: Path) -> str:
                         f"{m['student_int8']['latency_ms_p50']:.2f} | {m['student']['latency_ms_p50']:.2f} | "
                         f"{r['int8_vs_merged_p50']:.3f} ({100 * r['int8_prediction_agreement']:.1f}% same "
                         f"predictions) | {_when(r)} | `python bench/bench.py infer` |")
+    r = load("predict-cpu")
+    if r is not None:
+        f, cmd = r["forms"], "python bench/bench.py predict --run runs/default"
+        for form, ratio in r["ratios_vs_pytorch"].items():
+            rows.append(f"| `kdray predict` start-up to the labels, s / peak RSS, MB: final/{form} vs final/student "
+                        f"(PyTorch) | {f[form]['wall_s_median']:.2f} s / {f[form]['peak_rss_mb_median']:.0f} MB | "
+                        f"{f['student']['wall_s_median']:.2f} s / {f['student']['peak_rss_mb_median']:.0f} MB | "
+                        f"**{ratio['wall']:.2f}x** / {ratio['peak_rss']:.2f}x | {_when(r)} | `{cmd}` |")
     for name in ("search-cpu", "search-quick-cpu"):
         r = load(name)
         if r is None:
