@@ -44,7 +44,9 @@ def test_trials_run_on_both_nodes_of_a_two_node_cluster(two_nodes, tmp_path):
     assert set(ids) == {"node_a", "node_b"}
     storage = tmp_path / "shared"
     r = two_nodes.submit(["--trials", "4", "--set", "search.concurrency=2", "--set", "space.epochs=[2]",
-                          "--set", "final.baselines=false", "--set", "final.seeds=2", "--storage-path", str(storage)],
+                          "--set", "final.baselines=false", "--set", "final.seeds=2", "--set", "serve.export=false",
+                          "--set", "serve.runtime=pytorch",
+                          "--storage-path", str(storage)],
                          tmp_path / "runs",
                          timeout=900)
     assert r.returncode == 0 and "succeeded" in r.stdout, r.stdout[-4000:] + r.stderr[-2000:]

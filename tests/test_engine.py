@@ -143,7 +143,8 @@ def test_two_smoke_searches_on_one_machine_at_once(tmp_path):
     env.pop("RAY_ADDRESS", None)
     procs = [subprocess.Popen([sys.executable, "-m", "kdray.search", "--space", "smoke", "--no-final", "--wandb",
                                "disabled", "--output-dir", str(tmp_path / f"out{i}"), "--set", "search.trials=2",
-                               "--set", "search.concurrency=1"],
+                               "--set", "search.concurrency=1", "--set", "space.epochs=[1]",
+                               "--set", "teacher.train.epochs=1"],
                               cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
              for i in range(2)]
     outs = [p.communicate(timeout=600)[0] for p in procs]

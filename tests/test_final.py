@@ -177,6 +177,9 @@ def test_rerunning_the_final_stage_alone(smoke_run, tmp_path):
     # ... this one cannot (no checkpoint recorded), so it retrains every seed.
     pq.write_table(pa.Table.from_pylist([{**r, "checkpoint_path": None} for r in rows]), run / "search" / "trials.parquet")
     (run / "final" / "student" / "model.safetensors").unlink()
+    config = yaml.safe_load((run / "config.yaml").read_text())
+    config["serve"].update(export=False, runtime="pytorch")  # the served forms have their own tests (test_serve)
+    (run / "config.yaml").write_text(yaml.safe_dump(config))
     assert main(["final", "--run", str(run), "--wandb", "disabled", "--seeds", "2"]) == 0
     after = json.loads((run / "results.json").read_text())
     assert after["final"]["reused_search_trial"] is None
@@ -220,6 +223,8 @@ def test_a_final_stage_whose_students_start_from_the_teacher(smoke_run, tmp_path
     config = yaml.safe_load((run / "config.yaml").read_text())
     config["student"]["init"] = "teacher"
     config["train"]["precision"] = "fp32"  # validation as it ran and as it is recomputed here: exact
+    config["final"]["baselines"] = False  # the students alone
+    config["serve"].update(export=False, runtime="pytorch")
     (run / "config.yaml").write_text(yaml.safe_dump(config))
     rows = pq.read_table(run / "search" / "trials.parquet").to_pylist()  # the search's trials started elsewhere
     pq.write_table(pa.Table.from_pylist([{**r, "checkpoint_path": None} for r in rows]), run / "search" / "trials.parquet")

@@ -149,7 +149,9 @@ def test_kill_after_first_completed_trial_then_resume_and_finish(ray_cluster, tm
     done_before = {l.split()[0] for l in lines if l.rstrip().endswith("completed")}
 
     # The resumed search goes on into the final stage (no baselines, one seed: the chosen trial itself).
-    resumed = [a for a in args if a != "--no-final"] + ["--set", "final.baselines=false", "--resume"]
+    resumed = [a for a in args if a != "--no-final"] + ["--set", "final.baselines=false", "--set", "serve.export=false",
+                                                        "--set", "serve.runtime=pytorch",
+                                                        "--resume"]
     r = run_cli(*resumed, timeout=900)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     assert (tmp_path / "smoke" / "final" / "student" / "model.safetensors").is_file()

@@ -122,6 +122,7 @@ def test_a_shape_search_under_a_latency_budget_never_trains_the_slow_shape(ray_c
     overrides = [a for o in SHAPES for a in ("--set", o)]
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     r = subprocess.run([sys.executable, "-m", "kdray", "search", "--space", "smoke", *overrides, "--trials", "6",
+                        "--set", "space.epochs=[1]", "--set", "final.baselines=false",
                         "--latency-budget", f"{limit:.9f}", "--wandb", "disabled", "--output-dir", str(tmp_path),
                         "--address", ray_cluster.get_runtime_context().gcs_address],
                        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
