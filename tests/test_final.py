@@ -94,7 +94,7 @@ def test_the_saved_student_loads_in_a_pipeline_and_equals_the_unmerged_one(smoke
     unmerged = PeftModel.from_pretrained(base, run / "final" / "adapter").eval()
     merged = AutoModelForSequenceClassification.from_pretrained(run / "final" / "student", dtype=torch.float32)
     pad = load_tokenizer(cfg.student).pad_token_id
-    # fp32, as the final stage scores and benchmarks on a CPU (kdray.stages.final.serving_precision)
+    # fp32, as the final stage scores and benchmarks on a CPU (kdray.train.precision.serving_precision)
     a = predict_logits(merged, test, 64, pad, torch.device("cpu"), precision="fp32")
     b = predict_logits(unmerged, test, 64, pad, torch.device("cpu"), precision="fp32")
     assert a.shape == (len(test_split), 2)
