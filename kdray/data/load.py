@@ -73,6 +73,13 @@ class TaskData:
         return self.sealed_test
 
 
+def split_texts(split: Any) -> list:
+    """A split's raw texts as a tokenizer takes them: the texts, or (text, text_pair) pairs."""
+    if "text_pair" in split.column_names:
+        return list(zip(split["text"], split["text_pair"]))
+    return list(split["text"])
+
+
 def load_data(cfg: DataConfig) -> TaskData:
     """Load, validate, map labels, split and subsample. Raises `UserError` on bad input."""
     frames, where, hub_label_names = read_source(cfg)

@@ -76,11 +76,12 @@ def measure_forms(cfg: RunConfig, test: Any, run: RunDir, teacher_dir: Path, pla
     """Every form of the student (those exported) and of the teacher (made here, not saved),
     benchmarked in one Ray task on the students' kind of device and scored on `test`; and the
     form recommended (`recommend`)."""
+    from kdray.data.load import split_texts
     from kdray.evaluate.serving import benchmark_forms
     from kdray.runtime.tasks import on_device
 
     forms = _forms(cfg, run, teacher_dir, exported)
-    texts = list(zip(test["text"], test["text_pair"])) if "text_pair" in test.column_names else list(test["text"])
+    texts = split_texts(test)
     labels = np.asarray(test["label"])
     print(f"final: benchmarking the served forms ({', '.join(f.name for f in forms)}): batch 1 x "
           f"{cfg.final.latency_runs} with tokenization, the {len(texts)} test texts at batch "

@@ -149,10 +149,11 @@ def _param_range(cfg: RunConfig, num_labels: int, shape: list[int] | None) -> tu
 def _validation_texts(cfg: RunConfig, task: Any) -> tuple[list, str, str]:
     """The first validation texts (as many as are timed) and the student's and the teacher's
     tokenizers (`tokenizer.json`, what a served form tokenizes with)."""
+    from kdray.data.load import split_texts
     from kdray.train.models import load_tokenizer
 
     val = task.splits["validation"].select(range(min(cfg.final.latency_runs, len(task.splits["validation"]))))
-    texts = list(zip(val["text"], val["text_pair"])) if "text_pair" in val.column_names else list(val["text"])
+    texts = split_texts(val)
     return (texts, *(load_tokenizer(spec).backend_tokenizer.to_str() for spec in (cfg.student, cfg.teacher)))
 
 
