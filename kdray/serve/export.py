@@ -57,7 +57,7 @@ def input_names(model: nn.Module) -> list[str]:
 def to_onnx(model: nn.Module) -> bytes:
     """The fp32 ONNX form of a plain (merged) Hugging Face classifier, dynamic in batch and length.
     ONNX Runtime applies its transformer fusions (SkipLayerNormalization, BiasGelu, ...) when it
-    loads the graph (every graph optimization on: `kdray.serve.forms.session_options`); its
+    loads the graph (every graph optimization on: `kdray.serve.forms.runtime_options`); its
     offline optimizer (`onnxruntime.transformers.optimizer`) found the same fusions and ran no
     faster, and its fused operators would keep the quantizer from reading the graph."""
     model = model.float().eval().cpu()
@@ -140,15 +140,15 @@ def check_form(onnx: bytes, model: nn.Module, split: Any, runtime: str) -> dict[
     (`TOLERANCE`). Both sides read the same token ids, pads included."""
     import onnxruntime as ort
 
-    from kdray.serve.forms import session_options
+    from kdray.serve.forms import runtime_options
 
     names = input_names(model)
-    session = ort.InferenceSession(onnx, session_options(torch.get_num_threads()), providers=["CPUExecutionProvider"])
+    inference = ort.InferenceSession(onnx, runtime_options(torch.get_num_threads()), providers=["CPUExecutionProvider"])
     model = model.float().eval().cpu()
     with torch.inference_mode():
         reference = batch_logits(lambda x: model(**{k: torch.from_numpy(v) for k, v in x.items()}).logits.numpy(),
                                  split, names)
-    got = batch_logits(lambda x: session.run(None, x)[0], split, names)
+    got = batch_logits(lambda x: inference.run(None, x)[0], split, names)
     diff = float(np.abs(got - reference).max())
     return {"max_abs_logit_diff": diff, "tolerance": TOLERANCE[runtime], "passed": diff <= TOLERANCE[runtime],
             "same_class": float((got.argmax(-1) == reference.argmax(-1)).mean()), "rows": len(split)}
